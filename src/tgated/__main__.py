@@ -1,0 +1,5 @@
+import sys
+
+from tgated.cli import main
+
+sys.exit(main())

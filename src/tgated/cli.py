@@ -1,0 +1,230 @@
+"""Command-line interface: parses arguments and calls the documented functions of the package.
+
+Heavy imports (torch, transformers, monai) happen inside the command handlers so that
+``tgated --help`` is instant. ``main(argv)`` returns the exit code, so tests drive it in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from tgated import __version__
+
+logger = logging.getLogger("tgated")
+
+LAYOUTS = ("flare22", "btcv", "amos", "nnunet", "totalseg", "folder")
+PHANTOM_LAYOUTS = ("flare22", "btcv", "amos", "nnunet", "totalseg", "folder")
+PROTOCOLS = ("native", "flare22", "paper")
+
+
+# ---------------------------------------------------------------------------------------------
+# command handlers (each imports what it needs)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tgated.experiments import run_demo
+
+    run_demo(out=args.out, quick=args.quick, quiet=args.quiet, device=args.device)
+    return 0
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from tgated.data.phantom import write_dataset
+
+    write_dataset(
+        args.out,
+        cases=args.cases,
+        seed=args.seed,
+        layout=args.layout,
+        modality=args.modality,
+        size=args.size,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tgated.training import train
+
+    train(args.config, out=args.out, overrides=args.set, resume=args.resume, quiet=args.quiet)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from tgated.inference import predict
+
+    predict(
+        model=args.model,
+        input=args.input,
+        output=args.output,
+        organs=args.organs,
+        modality=args.modality,
+        device=args.device,
+        save_probabilities=args.save_probabilities,
+        overwrite=args.overwrite,
+        series=args.series,
+        batch_size=args.batch_size,
+        quiet=args.quiet,
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from tgated.evaluate import evaluate
+
+    summary = evaluate(
+        pred=args.pred,
+        gt=args.gt,
+        dataset=args.dataset,
+        protocol=args.protocol,
+        out=args.out,
+        totalseg_task=args.totalseg_task,
+        quiet=args.quiet,
+    )
+    if not args.quiet:
+        print(
+            f"{summary['cases']} cases, mean Dice {summary['mean_dice']:.4f}, mean NSD {summary['mean_nsd']:.4f} "
+            f"-> {os.path.join(args.out, 'summary.json')}"
+        )
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from tgated.models import model_info
+
+    print(json.dumps(model_info(args.config, overrides=args.set), indent=2))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tgated.report import make_report
+
+    path = make_report(args.inputs, out=args.out, quiet=args.quiet)
+    if not args.quiet:
+        print(f"report written to {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or status messages")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tgated",
+        description="3-D medical image segmentation with CLIPSeg and the T-Gated adjacent-slice adapter.",
+    )
+    parser.add_argument("--version", action="version", version=f"tgated {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="phantoms -> train baseline and T-Gated (tiny model) -> predict -> evaluate -> report",
+        description="Run the embedded demo on CPU: synthetic phantoms (plus the real example scans when they "
+        "can be fetched), a tiny randomly initialised CLIPSeg, baseline vs T-Gated, and a report.",
+    )
+    p.add_argument("--out", default="tgated_demo", help="output folder (default: ./tgated_demo)")
+    p.add_argument("--quick", action="store_true", help="a smaller demo (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    _common(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("phantom", help="write a synthetic abdominal CT/MR dataset in a dataset layout")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--cases", type=int, required=True, help="number of cases")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--layout", choices=PHANTOM_LAYOUTS, default="flare22", help="dataset layout (default: flare22)")
+    p.add_argument("--modality", choices=("ct", "mr"), default="ct", help="ct or mr (default: ct)")
+    p.add_argument("--size", type=int, default=128, help="in-plane size in voxels (default: 128)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing cases")
+    _common(p)
+    p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML experiment config")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt")
+    _common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="segment volumes (NIfTI files, folders, DICOM series)")
+    p.add_argument("--model", required=True, help="run folder or model folder")
+    p.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, or DICOM series folder")
+    p.add_argument("--output", required=True, help="output file (single input) or folder")
+    p.add_argument("--organs", default=None, help="comma-separated organ names (default: all the model knows)")
+    p.add_argument("--modality", choices=("auto", "ct", "mr"), default="auto", help="default: auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>_probs.npz (float16)")
+    p.add_argument("--overwrite", action="store_true", help="redo cases that were already predicted")
+    p.add_argument("--series", default=None, help="DICOM series instance UID when a folder holds several")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default: 16)")
+    _common(p)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score predictions against ground truth: metrics.csv, summary.json")
+    p.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions (canonical ids)")
+    p.add_argument("--gt", required=True, help="dataset root (named layouts) or label folder (folder)")
+    p.add_argument("--dataset", required=True, choices=LAYOUTS, help="ground-truth layout")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="native", help="default: native")
+    p.add_argument("--totalseg-task", choices=("total", "total_mr"), default=None,
+                   help="TotalSegmentator task of multilabel ground truth (dataset totalseg)")
+    p.add_argument("--out", required=True, help="output folder")
+    _common(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("info", help="resolved config and parameter counts (JSON)")
+    p.add_argument("config", help="YAML experiment config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _common(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("report", help="comparison tables, plots and report.html from runs / evaluations")
+    p.add_argument("inputs", nargs="+", help="run folders or evaluation folders")
+    p.add_argument("--out", required=True, help="output folder")
+    _common(p)
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s" if not args.debug else "%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"tgated {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"tgated {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Typed experiment configuration: dataclasses that map one-to-one to YAML.
+
+* Unknown keys and wrong types are errors naming the key, the value found and the valid keys.
+* ``--set a.b=value`` overrides use YAML syntax for the value (``--set train.lr=1e-4``,
+  ``--set model.adapt_layers=[6,9]``).
+* ``Literal`` fields list their valid values; nested sections are dataclasses.
+
+This module imports nothing of ours. Sections: :class:`DataConfig`, :class:`ModelConfig` (with its
+:class:`BackboneConfig`, :class:`AdapterConfig`, :class:`PreprocessConfig`), :class:`TrainConfig`,
+all under :class:`ExperimentConfig`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreprocessConfig:
+    """Intensity and geometry preprocessing; saved with the model so inference matches training."""
+
+    modality: Literal["ct", "mr"] = "ct"
+    ct_window: tuple[float, float] = (-125.0, 275.0)
+    """CT window in HU, mapped to [0, 1]."""
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    """MR: per-volume percentile clip, mapped to [0, 1]."""
+    orientation: Literal["RAS"] = "RAS"
+    """Canonical frame: axial slices along the last axis, from inferior to superior."""
+    image_size: int = 352
+    """Slices are padded to square, then resized to this size."""
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    background_threshold: float = 0.5
+    """A voxel is background unless some organ's probability reaches this value."""
+
+
+@dataclass
+class BackboneConfig:
+    """Where the CLIPSeg backbone comes from.
+
+    ``source`` is a hub id or a local directory holding a ``CLIPSegForImageSegmentation``
+    checkpoint, or ``random`` to build the architecture named by ``preset`` with random weights
+    (offline: ``tgated info``, benchmarks, tests and the demo). The ``tiny`` preset's sizes can be
+    changed with the fields below; ``rd64`` is CIDAS/clipseg-rd64-refined's architecture.
+    """
+
+    source: str = "CIDAS/clipseg-rd64-refined"
+    preset: Literal["rd64", "tiny"] = "rd64"
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    text_hidden_size: int = 32
+    text_num_hidden_layers: int = 2
+    projection_dim: int = 32
+    extract_layers: list[int] = field(default_factory=lambda: [1, 2, 3])
+    reduce_dim: int = 16
+    seed: int = 0
+    """Seed for random weights (``source: random``)."""
+
+
+@dataclass
+class AdapterConfig:
+    """Sizes of the T-Gated adapter (DESIGN §5); defaults reproduce the published adapter."""
+
+    dim: int = 256
+    layers: int = 4
+    heads: int = 8
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+    drop_path: float = 0.1
+    """Stochastic depth of the temporal layers, linearly 0 -> drop_path."""
+    spatial_heads: int = 8
+    spatial_dropout: float = 0.1
+    spatial_drop_path: float = 0.05
+    head_dropout: float = 0.1
+    head_out_dropout: float = 0.05
+    gate_bias_init: float = -5.0
+    gate_reg: float = 1e-3
+    """Weight λ of the gate regulariser λ·mean(σ(b)(1−σ(b)))."""
+
+
+@dataclass
+class ModelConfig:
+    model_type: Literal["tgated", "dynunet"] = "tgated"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    adapter: Literal["tgated", "none"] = "tgated"
+    """``none`` is the baseline: CLIPSeg fine-tuned on single slices."""
+    variant: Literal["standard", "reference"] = "standard"
+    """``reference`` reproduces the published wiring (final encoder layer only into the decoder)."""
+    context: int = 5
+    """Slices per window K (odd); 1 keeps the adapter without neighbours."""
+    context_mode: Literal["index", "physical"] = "index"
+    context_step_mm: float = 3.0
+    """Spacing of neighbours in ``physical`` mode."""
+    temporal: bool = True
+    spatial: bool = True
+    gate: bool = True
+    adapt_layers: list[int] = field(default_factory=lambda: [9])
+    """Which extracted encoder layers are adapted; the decoder still reads all of them."""
+    train_backbone: bool = False
+    adapter_config: AdapterConfig = field(default_factory=AdapterConfig)
+    organs: list[str] = field(default_factory=list)
+    """Organs the model segments (empty = all 13)."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    """Prompt overrides by organ name (default: organs.py)."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    """Dataset root folder (layout below)."""
+    layout: Literal["flare22", "btcv", "amos", "nnunet", "totalseg", "folder"] = "flare22"
+    labels: str = ""
+    """Label folder for the ``folder`` layout (default: ``ROOT/labels``)."""
+    totalseg_task: Literal["", "total", "total_mr"] = ""
+    splits: str = ""
+    """A ``splits.json`` to use instead of the default split."""
+    split_seed: int = 42
+    split_sizes: tuple[int, int, int] = (30, 10, 10)
+    """Train / val / test case counts of the default split (scaled down for smaller datasets)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    steps_per_epoch: int = 0
+    """0 = one pass over the sampled training slices per epoch."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr_adapter: float = 1e-4
+    lr_decoder: float = 1e-4
+    lr_backbone: float = 1e-6
+    weight_decay: float = 1e-4
+    warm_restart_epochs: int = 10
+    """Cosine schedule with warm restarts: length of the first cycle in epochs."""
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU."""
+    negative_fraction: float = 0.1
+    """Share of negative samples (organ labelled by the dataset but absent from the slice)."""
+    organ_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "right_adrenal_gland": 8.0,
+            "left_adrenal_gland": 8.0,
+            "esophagus": 8.0,
+            "duodenum": 5.0,
+            "pancreas": 3.0,
+            "stomach": 2.0,
+            "gallbladder": 2.0,
+        }
+    )
+    """Sampling weights of small organs (the reference recipe); others weigh 1."""
+    augment: bool = True
+    flip_lr: float = 0.0
+    """Probability of a left-right flip (lateralised labels are swapped)."""
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    intensity: float = 0.1
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    cache_tokens: Literal["auto", "off", "memory", "disk"] = "auto"
+    """Cache vision tokens when the backbone is frozen (turns image-space augmentation off)."""
+    cache_max_gb: float = 8.0
+    val_every: int = 1
+    """Validate every N epochs (3-D Dice on the validation volumes)."""
+    val_max_cases: int = 0
+    """0 = all validation cases."""
+    num_workers: int = 0
+    seed: int = 0
+    tensorboard: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# dataclass <-> dict
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in get_args(tp) if a is not Ellipsis)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert (list -> tuple, int -> float)."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"config key {key!r}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise bad
+        return _from_dict(tp, value, prefix=f"{key}.")
+    if origin is Literal:
+        if value in get_args(tp) and type(value) is type(get_args(tp)[list(get_args(tp)).index(value)]):
+            return value
+        raise ConfigError(
+            f"config key {key!r}: got {value!r}; expected one of {', '.join(repr(a) for a in get_args(tp))}"
+        )
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key {key!r}: got {len(value)} values {value!r}; expected {len(args)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        kt, vt = get_args(tp) or (Any, Any)
+        return {_convert(k, kt, f"{key}.<key>"): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"config key {key!r}: unsupported annotation {tp!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, globalns=vars(typing) | globals())
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {prefix + str(key)!r}; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
+                f"{', '.join(names)}.{hint}"
+            )
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
+    """Build a config dataclass from a (YAML) mapping; unknown keys and wrong types are errors."""
+    return _from_dict(cls, data or {})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain mapping (lists for tuples) suitable for YAML / JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr_adapter=1e-4"`` -> (["train", "lr_adapter"], 1e-4); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=10")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    # YAML reads "1e-4" as a string; accept plain float spellings.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
+    """Return a copy of ``cfg`` with ``key=value`` overrides applied and type-checked."""
+    data = to_dict(cfg)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+                where = ".".join(path[: i + 1])
+                valid = [k for k, v in node.items() if isinstance(v, dict)] if isinstance(node, dict) else []
+                raise ConfigError(f"override {item!r}: {where!r} is not a config section; sections: {', '.join(valid)}")
+            node = node[part]
+        node[path[-1]] = value
+    return from_dict(type(cfg), data)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, cls: type[T] = ExperimentConfig) -> T:
+    """Read a YAML config file (errors name the file) and apply ``key=value`` overrides."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not a valid YAML file ({str(exc).splitlines()[0]})") from None
+    try:
+        cfg = from_dict(cls, data if data is not None else {})
+        return apply_overrides(cfg, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` with a deep copy, so nested sections are never shared."""
+    return dataclasses.replace(copy.deepcopy(cfg), **changes)

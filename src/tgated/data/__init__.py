@@ -1,0 +1,1 @@
+"""Datasets, slices, phantoms and example scans."""

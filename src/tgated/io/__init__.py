@@ -1,0 +1,1 @@
+"""Volume and file I/O."""
