@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--cases", type=int, required=True, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--layout", choices=PHANTOM_LAYOUTS, default="flare22", help="dataset layout (default: flare22)")
+    p.add_argument(
+        "--layout", choices=PHANTOM_LAYOUTS, default="flare22", help="dataset layout (default: flare22)"
+    )
     p.add_argument("--modality", choices=("ct", "mr"), default="ct", help="ct or mr (default: ct)")
     p.add_argument("--size", type=int, default=128, help="in-plane size in voxels (default: 128)")
     p.add_argument("--overwrite", action="store_true", help="replace existing cases")
@@ -166,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run folder or model folder")
     p.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, or DICOM series folder")
     p.add_argument("--output", required=True, help="output file (single input) or folder")
-    p.add_argument("--organs", default=None, help="comma-separated organ names (default: all the model knows)")
+    p.add_argument(
+        "--organs", default=None, help="comma-separated organ names (default: all the model knows)"
+    )
     p.add_argument("--modality", choices=("auto", "ct", "mr"), default="auto", help="default: auto")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_probs.npz (float16)")
@@ -181,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", required=True, help="dataset root (named layouts) or label folder (folder)")
     p.add_argument("--dataset", required=True, choices=LAYOUTS, help="ground-truth layout")
     p.add_argument("--protocol", choices=PROTOCOLS, default="native", help="default: native")
-    p.add_argument("--totalseg-task", choices=("total", "total_mr"), default=None,
-                   help="TotalSegmentator task of multilabel ground truth (dataset totalseg)")
+    p.add_argument(
+        "--totalseg-task",
+        choices=("total", "total_mr"),
+        default=None,
+        help="TotalSegmentator task of multilabel ground truth (dataset totalseg)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     _common(p)
     p.set_defaults(func=_cmd_evaluate)

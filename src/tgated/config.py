@@ -12,6 +12,7 @@ all under :class:`ExperimentConfig`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -226,7 +227,9 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert (list -> tuple, int -> float)."""
     origin = get_origin(tp)
-    bad = ConfigError(f"config key {key!r}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+    bad = ConfigError(
+        f"config key {key!r}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}"
+    )
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
@@ -259,8 +262,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"config key {key!r}: got {len(value)} values {value!r}; expected {len(args)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+                raise ConfigError(
+                    f"config key {key!r}: got {len(value)} values {value!r}; expected {len(args)}"
+                )
+            return tuple(
+                _convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
         item = args[0] if args else Any
         items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -280,6 +287,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -294,7 +304,9 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
+        raise ConfigError(
+            f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}"
+        )
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -342,12 +354,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
-    # YAML reads "1e-4" as a string; accept plain float spellings.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
     return key.split("."), value
 
 
@@ -361,13 +367,17 @@ def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
             if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
                 where = ".".join(path[: i + 1])
                 valid = [k for k, v in node.items() if isinstance(v, dict)] if isinstance(node, dict) else []
-                raise ConfigError(f"override {item!r}: {where!r} is not a config section; sections: {', '.join(valid)}")
+                raise ConfigError(
+                    f"override {item!r}: {where!r} is not a config section; sections: {', '.join(valid)}"
+                )
             node = node[part]
         node[path[-1]] = value
     return from_dict(type(cfg), data)
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None, cls: type[T] = ExperimentConfig) -> T:
+def load_config(
+    path: str | os.PathLike, overrides: list[str] | None = None, cls: type[T] = ExperimentConfig
+) -> T:
     """Read a YAML config file (errors name the file) and apply ``key=value`` overrides."""
     p = Path(path)
     if not p.is_file():

@@ -208,7 +208,7 @@ def label_map(dataset: str) -> dict[int, int]:
     labels = DATASET_LABELS[check_dataset(dataset)]
     mapping = {BACKGROUND: BACKGROUND}
     mapping.update({ds_id: ORGAN_BY_NAME[name].id for name, ds_id in labels.items()})
-    mapping.update({ds_id: BACKGROUND for ds_id in DATASET_OTHER_LABELS[dataset]})
+    mapping.update(dict.fromkeys(DATASET_OTHER_LABELS[dataset], BACKGROUND))
     return mapping
 
 

@@ -81,7 +81,9 @@ class Volume:
         Extra leading axes (e.g. organs × x × y × z) are carried along.
         """
         if tuple(array.shape[-3:]) != self.shape:
-            raise ValueError(f"array of shape {array.shape} does not match the volume's canonical shape {self.shape}")
+            raise ValueError(
+                f"array of shape {array.shape} does not match the volume's canonical shape {self.shape}"
+            )
         back = ornt_transform(CANONICAL, io_orientation(self.original_affine))
         lead = array.shape[:-3]
         flat = array.reshape((-1, *self.shape))
@@ -128,6 +130,8 @@ def canonicalize(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
 
 def _check_array(data: np.ndarray, source: str, *, label: bool) -> np.ndarray:
     kind = "label map" if label else "image"
+    if data.size == 0:
+        raise ValueError(f"{source}: {kind} has a zero-length axis {data.shape}; expected a non-empty 3-D volume")
     # Squeeze trailing singleton axes (x, y, z, 1): a 4-D file with one volume.
     if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
         warnings.warn(
@@ -145,9 +149,13 @@ def _check_array(data: np.ndarray, source: str, *, label: bool) -> np.ndarray:
             "split multi-volume (4-D) files into one file per volume"
         )
     if min(data.shape) == 0:
-        raise ValueError(f"{source}: {kind} has a zero-length axis {data.shape}; expected a non-empty 3-D volume")
+        raise ValueError(
+            f"{source}: {kind} has a zero-length axis {data.shape}; expected a non-empty 3-D volume"
+        )
     if data.dtype.kind == "c" or data.dtype.kind not in "biuf":
-        raise ValueError(f"{source}: {kind} has unsupported data type {data.dtype}; expected integers or floats")
+        raise ValueError(
+            f"{source}: {kind} has unsupported data type {data.dtype}; expected integers or floats"
+        )
     if data.dtype.kind == "f":
         bad = ~np.isfinite(data)
         n_bad = int(bad.sum())
@@ -161,7 +169,9 @@ def _check_array(data: np.ndarray, source: str, *, label: bool) -> np.ndarray:
 
 def _check_affine(affine: np.ndarray, source: str) -> None:
     if not np.all(np.isfinite(affine)):
-        raise ValueError(f"{source}: the header's affine holds NaN/Inf; expected a valid voxel-to-world transform")
+        raise ValueError(
+            f"{source}: the header's affine holds NaN/Inf; expected a valid voxel-to-world transform"
+        )
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     if np.any(zooms <= 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError(
@@ -173,8 +183,18 @@ def _check_affine(affine: np.ndarray, source: str) -> None:
 def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
     try:
         img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+    except (
+        nib.filebasedimages.ImageFileError,
+        EOFError,
+        OSError,
+        zlib.error,
+        gzip.BadGzipFile,
+        ValueError,
+    ) as exc:
         raise ValueError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    if 0 in img.shape:
+        kind = "label map" if label else "image"
+        raise ValueError(f"{path}: {kind} has a zero-length axis {img.shape}; expected a non-empty 3-D volume")
     try:
         if label:
             data = np.asanyarray(img.dataobj)
@@ -202,7 +222,9 @@ def _sitk_to_array_affine(image) -> tuple[np.ndarray, np.ndarray]:
         size = image.GetSize()
         raise ValueError(f"image has {image.GetDimension()} dimensions {size}; expected 3")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"image has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected 1")
+        raise ValueError(
+            f"image has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected 1"
+        )
     data = sitk.GetArrayFromImage(image)  # (z, y, x)
     data = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -223,12 +245,16 @@ def list_dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
 
 
-def _read_dicom(folder: Path, series_uid: str | None, label: bool) -> tuple[np.ndarray, np.ndarray, str | None]:
+def _read_dicom(
+    folder: Path, series_uid: str | None, label: bool
+) -> tuple[np.ndarray, np.ndarray, str | None]:
     import SimpleITK as sitk
 
     series = list_dicom_series(folder)
     if not series:
-        raise ValueError(f"{folder}: folder holds no DICOM series; expected a DICOM series folder or a NIfTI file")
+        raise ValueError(
+            f"{folder}: folder holds no DICOM series; expected a DICOM series folder or a NIfTI file"
+        )
     if series_uid is None:
         if len(series) > 1:
             listing = "; ".join(f"{uid} ({len(files)} files)" for uid, files in series.items())
@@ -246,7 +272,9 @@ def _read_dicom(folder: Path, series_uid: str | None, label: bool) -> tuple[np.n
             warnings.simplefilter("ignore")
             image = reader.Execute()
     except RuntimeError as exc:
-        raise ValueError(f"{folder}: could not read the DICOM series ({str(exc).strip().splitlines()[-1]})") from None
+        raise ValueError(
+            f"{folder}: could not read the DICOM series ({str(exc).strip().splitlines()[-1]})"
+        ) from None
     modality = None
     try:
         tag = reader.GetMetaData(0, "0008|0060").strip().lower()
@@ -326,7 +354,9 @@ def volume_from_array(
     )
 
 
-def volume_from_nifti(img: nib.spatialimages.SpatialImage, *, label: bool = False, source: str = "<image>") -> Volume:
+def volume_from_nifti(
+    img: nib.spatialimages.SpatialImage, *, label: bool = False, source: str = "<image>"
+) -> Volume:
     """A :class:`Volume` from an in-memory nibabel image (Python API)."""
     data = np.asanyarray(img.dataobj) if label else np.asarray(img.get_fdata(dtype=np.float32))
     data = _check_array(np.asarray(data), source, label=label)
@@ -384,9 +414,8 @@ def nifti_header_for(volume: Volume, dtype: np.dtype) -> nib.Nifti1Header:
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header=None) -> None:
     """Write a NIfTI file atomically (temporary file + rename)."""
     p = Path(path)
-    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64), header=header)
-    if header is None:
-        img.header.set_data_dtype(np.asarray(data).dtype)
+    data = np.asarray(data)
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header, dtype=None if header else data.dtype)
     img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
     img.set_sform(affine, code=int(img.header["sform_code"]) or 1)
     suffix = ".nii.gz" if p.name.lower().endswith(".nii.gz") else ".nii"
