@@ -21,3 +21,17 @@ def lps_affine(spacing=(0.8, 0.9, 3.0), origin=(120.0, -40.0, -300.0)) -> np.nda
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def examples_root():
+    """The real example scans (TotalSegmentator 2.18.0 sdist), fetched once into the user cache.
+
+    Their labels are TotalSegmentator predictions, not expert annotations. Set TGATED_OFFLINE=1 to
+    skip these tests on a machine without network access; CI fetches them.
+    """
+    if os.environ.get("TGATED_OFFLINE") == "1":
+        pytest.skip("TGATED_OFFLINE=1: the example scans are not fetched")
+    from tgated.data.examples import fetch
+
+    return fetch(quiet=True)
