@@ -80,7 +80,9 @@ def to_model_grid(slices: torch.Tensor, size: int, mode: str = "bilinear") -> to
         return x
     if mode == "nearest":
         return F.interpolate(x, size=(size, size), mode="nearest-exact")
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+    return F.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size
+    )
 
 
 def from_model_grid(x: torch.Tensor, shape: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
