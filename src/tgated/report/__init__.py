@@ -1,1 +1,146 @@
+"""Reports: comparison tables (markdown / CSV), cross-domain drops, plots and ``report.html``.
 
+``make_report(["runs/baseline/eval/flare22", "runs/tgated/eval/flare22"], out="report")`` writes:
+
+* ``comparison.md`` / ``comparison.csv`` — per-organ mean Dice (n cases) per evaluation, and the
+  difference last − first when there are two or more;
+* ``nsd.md`` — the same for NSD;
+* ``cross_domain.md`` — in-domain vs zero-shot mean Dice and the relative drop per model;
+* ``dice_by_organ.png``, ``dice_by_case.png``, ``overlay_*.png`` and ``report.html`` tying them together.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from pathlib import Path
+
+from tgated import __version__
+from tgated.io.files import atomic_write_text
+from tgated.report.tables import (
+    Evaluation,
+    cross_domain_table,
+    csv_text,
+    find_evaluations,
+    markdown,
+    organ_table,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["make_report", "write_tables"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+th{background:#f2f2f2}
+img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.6em 1em}
+code{background:#f5f5f5;padding:1px 4px}
+"""
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(c: str, tag: str) -> str:
+        bold = c.startswith("**") and c.endswith("**")
+        text = html.escape(c.strip("*"))
+        return f"<{tag}>{'<b>' + text + '</b>' if bold else text}</{tag}>"
+
+    head = "".join(cell(h, "th") for h in header)
+    body = "".join("<tr>" + "".join(cell(c, "td") for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_tables(evals: list[Evaluation], out: Path) -> dict[str, tuple[list[str], list[list[str]]]]:
+    tables = {
+        "dice": organ_table(evals, "dice"),
+        "nsd": organ_table(evals, "nsd"),
+        "cross": cross_domain_table(evals),
+    }
+    atomic_write_text(out / "comparison.md", markdown(*tables["dice"]))
+    atomic_write_text(out / "comparison.csv", csv_text(*tables["dice"]))
+    atomic_write_text(out / "nsd.md", markdown(*tables["nsd"]))
+    if tables["cross"][1]:
+        atomic_write_text(out / "cross_domain.md", markdown(*tables["cross"]))
+    return tables
+
+
+def make_report(
+    inputs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    title: str = "tgated report",
+    notes: list[str] | None = None,
+    overlays: bool = True,
+    max_overlay_cases: int = 2,
+    quiet: bool = False,
+) -> Path:
+    """Write tables, plots and ``report.html`` for the evaluations in ``inputs``; returns the HTML path."""
+    from tgated.report.figures import case_distribution, dice_bars, evaluation_overlays, relpath
+
+    out_p = Path(out)
+    out_p.mkdir(parents=True, exist_ok=True)
+    evals = find_evaluations(list(inputs))
+    tables = write_tables(evals, out_p)
+    bars = dice_bars(evals, out_p / "dice_by_organ.png")
+    dist = case_distribution(evals, out_p / "dice_by_case.png")
+    overlay_files: list[tuple[str, list[Path]]] = []
+    if overlays:
+        for e in evals:
+            files = evaluation_overlays(e, out_p, max_cases=max_overlay_cases)
+            if files:
+                overlay_files.append((e.name, files))
+
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    for note in notes or []:
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
+    parts.append("<h2>Evaluations</h2><ul>")
+    for e in evals:
+        s = e.summary
+        parts.append(
+            f"<li><b>{html.escape(e.name)}</b>: dataset <code>{html.escape(e.dataset)}</code>, protocol "
+            f"<code>{html.escape(str(s.get('protocol', '?')))}</code>, {s.get('cases', '?')} cases — "
+            f"<code>{html.escape(str(e.path))}</code></li>"
+        )
+    parts.append("</ul><h2>Dice per organ</h2>")
+    parts.append(_html_table(*tables["dice"]))
+    parts.append(
+        "<p>Mean over cases per organ (number of cases in brackets); the mean row is the unweighted "
+        "mean over organs. Organs a dataset does not label are left out.</p>"
+    )
+    parts.append(f'<img src="{relpath(bars, out_p)}" alt="Dice per organ">')
+    parts.append(f'<img src="{relpath(dist, out_p)}" alt="Dice per case">')
+    parts.append("<h2>Normalised surface Dice per organ</h2>")
+    parts.append(_html_table(*tables["nsd"]))
+    if tables["cross"][1]:
+        parts.append("<h2>Cross-domain drop</h2>")
+        parts.append(_html_table(*tables["cross"]))
+        parts.append(
+            "<p>drop = (in-domain − zero-shot) / in-domain mean Dice; the first evaluation listed for a "
+            "model is its in-domain reference.</p>"
+        )
+    if overlay_files:
+        parts.append(
+            "<h2>Overlays</h2><p>Left: ground truth; right: prediction. Radiological view (the patient's "
+            "right on the image's left).</p>"
+        )
+        for name, files in overlay_files:
+            for f in files:
+                parts.append(f'<img src="{relpath(f, out_p)}" alt="{html.escape(name)}">')
+    parts.append(f"<p><small>tgated {__version__}</small></p>")
+    doc = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>"
+        + html.escape(title)
+        + f"</title><style>{_CSS}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>\n"
+    )
+    path = out_p / "report.html"
+    atomic_write_text(path, doc)
+    if not quiet:
+        logger.info("report: %s", path)
+    return path

@@ -1,0 +1,237 @@
+"""Figures for reports: per-organ Dice bars, per-case distributions, and slice overlays."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tgated.organs import ORGAN_BY_ID, ORGAN_NAMES, ORGANS
+from tgated.report.tables import Evaluation
+
+logger = logging.getLogger(__name__)
+
+# 13 distinguishable colours, one per canonical organ id.
+ORGAN_COLOURS = np.array(
+    [
+        (0.80, 0.36, 0.25),
+        (0.95, 0.75, 0.10),
+        (0.55, 0.20, 0.65),
+        (0.95, 0.55, 0.70),
+        (0.90, 0.10, 0.10),
+        (0.20, 0.35, 0.85),
+        (0.10, 0.75, 0.75),
+        (0.15, 0.60, 0.45),
+        (0.40, 0.80, 0.20),
+        (0.95, 0.50, 0.05),
+        (0.60, 0.45, 0.30),
+        (0.70, 0.70, 0.95),
+        (0.35, 0.15, 0.45),
+    ]
+)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    from tgated.io.files import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+
+
+def dice_bars(evals: list[Evaluation], path: Path, metric: str = "dice") -> Path:
+    plt = _plt()
+    organs = [o for o in ORGAN_NAMES if any(e.organ(o, metric)[1] for e in evals)]
+    x = np.arange(len(organs))
+    width = 0.8 / max(len(evals), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(organs) + 2), 3.6))
+    for i, e in enumerate(evals):
+        vals = [e.organ(o, metric)[0] for o in organs]
+        ax.bar(x + (i - (len(evals) - 1) / 2) * width, np.nan_to_num(vals), width, label=e.name)
+    ax.set_xticks(x, [o.replace("_", " ") for o in organs], rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"mean {metric}")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def case_distribution(evals: list[Evaluation], path: Path, metric: str = "dice") -> Path:
+    """Per-case mean over organs, one box per evaluation."""
+    plt = _plt()
+    data, names = [], []
+    for e in evals:
+        per_case: dict[str, list[float]] = {}
+        for r in e.rows:
+            try:
+                v = float(r.get(metric) or "nan")
+            except ValueError:
+                v = math.nan
+            if not math.isnan(v):
+                per_case.setdefault(r["case"], []).append(v)
+        data.append([float(np.mean(v)) for v in per_case.values()] or [math.nan])
+        names.append(e.name)
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(evals) + 2), 3.2))
+    ax.boxplot(data, showmeans=True)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"per-case mean {metric}")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _display(volume: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) canonical -> (Z, rows, cols) radiological view (as the model sees slices)."""
+    return np.transpose(volume[::-1, ::-1, :], (2, 1, 0))
+
+
+def _window(image: np.ndarray, modality: str | None) -> np.ndarray:
+    if modality == "ct" or (modality is None and np.percentile(image, 1) < -500):
+        lo, hi = -160.0, 240.0
+    else:
+        lo, hi = np.percentile(image, [0.5, 99.5])
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def _rgba(labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    out = np.zeros((*labels.shape, 4))
+    for organ in ORGANS:
+        m = labels == organ.id
+        if m.any():
+            out[m, :3] = ORGAN_COLOURS[organ.id - 1]
+            out[m, 3] = alpha
+    return out
+
+
+def pick_slices(labels: np.ndarray, n: int = 3) -> list[int]:
+    """Axial slices through the labelled range (quartiles of the foreground z-range)."""
+    z = np.nonzero(labels.reshape(-1, labels.shape[-1]).any(axis=0))[0]
+    if z.size == 0:
+        return [labels.shape[-1] // 2]
+    qs = np.linspace(0.2, 0.8, n) if n > 1 else [0.5]
+    return sorted({int(z[min(int(q * (z.size - 1)), z.size - 1)]) for q in qs})
+
+
+def overlay(
+    image: np.ndarray | None,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    path: Path,
+    *,
+    title: str,
+    modality: str | None = None,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    slices: list[int] | None = None,
+) -> Path:
+    """Ground truth (left) and prediction (right) over the image, for a few axial slices.
+
+    All arrays are canonical (X, Y, Z); shown radiologically (patient's right on the left).
+    """
+    plt = _plt()
+    zs = slices or pick_slices(gt)
+    g, p = _display(gt), _display(pred)
+    img = _display(_window(image, modality)) if image is not None else np.zeros(g.shape)
+    aspect = spacing[1] / spacing[0]
+    fig, axes = plt.subplots(len(zs), 2, figsize=(6.4, 3.2 * len(zs)), squeeze=False)
+    for row, z in enumerate(zs):
+        for col, (lab, what) in enumerate(((g, "ground truth"), (p, "prediction"))):
+            ax = axes[row][col]
+            ax.imshow(img[z], cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+            ax.imshow(_rgba(lab[z]), aspect=aspect, interpolation="nearest")
+            ax.set_title(f"{what}, slice {z}", fontsize=8)
+            ax.axis("off")
+    present = sorted({int(v) for v in np.unique(np.concatenate([np.unique(gt), np.unique(pred)])) if v})
+    handles = [plt.Rectangle((0, 0), 1, 1, color=ORGAN_COLOURS[i - 1]) for i in present]
+    if handles:
+        fig.legend(
+            handles,
+            [ORGAN_BY_ID[i].name.replace("_", " ") for i in present],
+            loc="lower center",
+            ncol=min(5, len(handles)),
+            fontsize=7,
+            frameon=False,
+        )
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 0.97))
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def evaluation_overlays(e: Evaluation, out_dir: Path, max_cases: int = 2) -> list[Path]:
+    """Overlays for the first cases of an evaluation, when its predictions and labels can be found.
+
+    Uses ``summary["pred"]`` / ``summary["gt"]`` (written by ``tgated evaluate``) and the prediction
+    folder's ``provenance.json`` for the input image. Missing pieces are skipped with a log message.
+    """
+    from tgated.data.datasets import ground_truth_cases, load_label
+    from tgated.io.files import read_json
+    from tgated.io.volumes import read_volume
+
+    pred_dir, gt_root = e.summary.get("pred"), e.summary.get("gt")
+    if not pred_dir or not gt_root or not Path(pred_dir).is_dir() or not Path(gt_root).exists():
+        logger.info("%s: predictions or ground truth not found; no overlays", e.name)
+        return []
+    try:
+        gts = {
+            c.case_id: c
+            for c in ground_truth_cases(gt_root, e.dataset, totalseg_task=e.summary.get("totalseg_task"))
+        }
+    except (OSError, ValueError) as exc:
+        logger.info("%s: ground truth unreadable (%s); no overlays", e.name, exc)
+        return []
+    provenance = {}
+    prov_path = Path(pred_dir) / "provenance.json"
+    if prov_path.is_file():
+        provenance = (read_json(prov_path) or {}).get("cases", {})
+    cases = sorted({r["case"] for r in e.rows})[:max_cases]
+    out = []
+    for cid in cases:
+        pred_file = Path(pred_dir) / f"{cid}.nii.gz"
+        if cid not in gts or not pred_file.is_file():
+            continue
+        gt = load_label(gts[cid])
+        pred = read_volume(pred_file, label=True)
+        image, modality = None, None
+        src = (provenance.get(cid) or {}).get("input")
+        if src and Path(src).exists():
+            try:
+                vol = read_volume(src)
+                if vol.shape == gt.shape:
+                    image, modality = vol.data, (provenance.get(cid) or {}).get("modality")
+            except (OSError, ValueError):
+                pass
+        if pred.shape != gt.shape:
+            continue
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in f"{e.name}_{cid}")
+        out.append(
+            overlay(
+                image,
+                gt.data,
+                pred.data,
+                out_dir / f"overlay_{safe}.png",
+                title=f"{e.name}: {cid}",
+                modality=modality,
+                spacing=gt.spacing,
+            )
+        )
+    return out
+
+
+def relpath(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path, start)).as_posix()
