@@ -80,6 +80,9 @@ class BackboneConfig:
     projection_dim: int = 32
     extract_layers: list[int] = field(default_factory=lambda: [1, 2, 3])
     reduce_dim: int = 16
+    image_size: int = 0
+    """``tiny`` preset: side of the vision position grid in pixels (0 = the model input size);
+    a different size is interpolated, as rd64 interpolates its 224-pixel grid to 352."""
     seed: int = 0
     """Seed for random weights (``source: random``)."""
 

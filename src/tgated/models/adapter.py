@@ -1,0 +1,286 @@
+"""The T-Gated adjacent-slice adapter (DESIGN §5).
+
+One :class:`TGatedAdapter` turns the encoder tokens of a context window of ``K`` slices into
+adapted tokens for the window's centre slice:
+
+``(B, K, N, C)`` tokens (CLS included, slice order inferior → superior, centre at ``K // 2``)
+→ ``(B, N, C)`` adapted centre tokens.
+
+1. **temporal** transformer, run per token position across the ``K`` slices: Linear C→dim (no bias)
+   + LayerNorm, learned slice-position embedding (K, dim), ``layers`` pre-LN encoder layers (GELU,
+   dropout, stochastic depth rising linearly 0 → ``drop_path``), LayerNorm, Linear dim→C (no bias,
+   zero-initialised); the centre position is kept → ``h_t``.
+2. **gate**: ``g = sigmoid(W h_t + b)`` with a full C×C ``W`` (element-wise output), ``W = 0`` and
+   ``b = gate_bias_init`` (−5) at init; ``h = g·h_t + (1 − g)·h_centre``.
+3. **spatial** context block: pre-LN self-attention over the N tokens + MLP C→2C→C, both
+   residual with zero-initialised output projections and drop-path.
+4. **head**: Linear C→C, LayerNorm, GELU, Dropout, Linear C→C (zero-init), Dropout, residual
+   (``residual_head=False`` — the published wiring — drops the residual; its last Linear then
+   keeps the default init).
+
+Disabled parts are not built: without the temporal part ``h_t`` is the centre tokens and no gate
+is possible; without the gate the temporal output is added to the centre tokens,
+``h = h_centre + h_t`` (the zero-initialised projection keeps ``h = h_centre`` at init — a plain
+``h = h_t`` would hand the decoder the 256-wide bottleneck's output and zeros at init).
+
+At initialisation the adapted tokens equal ``(1 − σ(−5))·h_centre``, i.e. the centre tokens up to
+0.67 %. With C = 768 and the default sizes one adapter has 10,054,912 parameters at K = 5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgated.config import AdapterConfig
+
+COMPONENTS = ("temporal", "gate", "spatial", "head")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole rows of the batch (dim 0) in training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over (B, L, D) with ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.dropout = float(dropout)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN transformer encoder layer with drop-path on both residual branches.
+
+    ``x + DropPath(Dropout(Attn(LN(x))))`` then ``x + DropPath(Dropout(W2 Dropout(GELU(W1 LN(x)))))``
+    (the dropout placement of ``nn.TransformerEncoderLayer(norm_first=True)``). With
+    ``zero_init_out`` the attention and MLP output projections start at zero, so the layer is the
+    identity at init.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffn_dim: int,
+        dropout: float,
+        drop_path: float,
+        zero_init_out: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads, dropout)
+        self.drop1 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.act = nn.GELU()
+        self.drop_ffn = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.drop2 = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
+        if zero_init_out:
+            for lin in (self.attn.out, self.fc2):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.drop1(self.attn(self.norm1(x))))
+        y = self.fc2(self.drop_ffn(self.act(self.fc1(self.norm2(x)))))
+        return x + self.drop_path(self.drop2(y))
+
+
+class TemporalTransformer(nn.Module):
+    """Per-token-position transformer across the K slices of a window; returns the centre output.
+
+    Input (B, K, N, C) → output (B, N, C). The B·N sequences have length K.
+    """
+
+    def __init__(self, channels: int, context: int, cfg: AdapterConfig) -> None:
+        super().__init__()
+        self.context = context
+        self.in_proj = nn.Linear(channels, cfg.dim, bias=False)
+        self.in_norm = nn.LayerNorm(cfg.dim)
+        self.pos_embed = nn.Parameter(torch.zeros(context, cfg.dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        rates = [cfg.drop_path * i / max(cfg.layers - 1, 1) for i in range(cfg.layers)]
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, rate) for rate in rates
+        )
+        self.out_norm = nn.LayerNorm(cfg.dim)
+        self.out_proj = nn.Linear(cfg.dim, channels, bias=False)
+        nn.init.zeros_(self.out_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, k, n, c = x.shape
+        if k != self.context:
+            raise ValueError(f"temporal transformer built for K={self.context} slices, got windows of {k}")
+        h = x.permute(0, 2, 1, 3).reshape(b * n, k, c)
+        h = self.in_norm(self.in_proj(h)) + self.pos_embed
+        for layer in self.layers:
+            h = layer(h)
+        h = self.out_proj(self.out_norm(h[:, k // 2]))
+        return h.view(b, n, c)
+
+
+class Gate(nn.Module):
+    """``g = sigmoid(W h_t + b)``, W a full C×C linear map (zero at init), b = ``bias_init``."""
+
+    def __init__(self, channels: int, bias_init: float) -> None:
+        super().__init__()
+        self.proj = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, bias_init)
+
+    def forward(self, h_t: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.proj(h_t))
+
+
+class Head(nn.Module):
+    """Linear, LayerNorm, GELU, Dropout, Linear, Dropout; residual with a zero-initialised last
+    Linear, or (``residual=False``) a plain map whose last Linear keeps PyTorch's default init — a
+    zero-initialised non-residual head would feed the decoder zeros and stall the zero-initialised
+    parts before it for several optimiser steps."""
+
+    def __init__(self, channels: int, dropout: float, out_dropout: float, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.fc1 = nn.Linear(channels, channels)
+        self.norm = nn.LayerNorm(channels)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(channels, channels)
+        self.out_drop = nn.Dropout(out_dropout)
+        if residual:
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.out_drop(self.fc2(self.drop(self.act(self.norm(self.fc1(x))))))
+        return x + y if self.residual else y
+
+
+class TGatedAdapter(nn.Module):
+    """The T-Gated adapter for one encoder layer: (B, K, N, C) window tokens → (B, N, C).
+
+    Parameters
+    ----------
+    channels:
+        Token width C of the encoder (768 for ViT-B/16).
+    context:
+        Window size K (odd); the centre slice is at index ``K // 2``.
+    cfg:
+        Sizes and dropout rates (:class:`tgated.config.AdapterConfig`).
+    temporal, gate, spatial:
+        Build these parts (a disabled part is not built; ``gate`` needs ``temporal``).
+    residual_head:
+        ``False`` reproduces the published wiring (head output replaces its input).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        context: int,
+        cfg: AdapterConfig,
+        *,
+        temporal: bool = True,
+        gate: bool = True,
+        spatial: bool = True,
+        residual_head: bool = True,
+    ) -> None:
+        super().__init__()
+        if context < 1 or context % 2 == 0:
+            raise ValueError(f"context K must be an odd number >= 1, got {context}")
+        if gate and not temporal:
+            raise ValueError(
+                "adapter gate: true needs temporal: true (the gate mixes the temporal and the centre "
+                "tokens; without the temporal part it has nothing to mix) — set model.gate=false"
+            )
+        self.channels = channels
+        self.context = context
+        self.gate_reg_weight = float(cfg.gate_reg)
+        self.temporal = TemporalTransformer(channels, context, cfg) if temporal else None
+        self.gate = Gate(channels, cfg.gate_bias_init) if gate else None
+        self.spatial = (
+            TransformerLayer(
+                channels,
+                cfg.spatial_heads,
+                2 * channels,
+                cfg.spatial_dropout,
+                cfg.spatial_drop_path,
+                zero_init_out=True,
+            )
+            if spatial
+            else None
+        )
+        self.head = Head(channels, cfg.head_dropout, cfg.head_out_dropout, residual=residual_head)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 4 or tokens.shape[1] != self.context or tokens.shape[-1] != self.channels:
+            raise ValueError(
+                f"adapter expects window tokens (B, K={self.context}, N, C={self.channels}), "
+                f"got shape {tuple(tokens.shape)}"
+            )
+        centre = tokens[:, self.context // 2]
+        if self.temporal is None:
+            h = centre
+        else:
+            h_t = self.temporal(tokens)
+            if self.gate is None:
+                h = centre + h_t
+            else:
+                g = self.gate(h_t)
+                h = g * h_t + (1.0 - g) * centre
+        if self.spatial is not None:
+            h = self.spatial(h)
+        return self.head(h)
+
+    def gate_regularization(self) -> torch.Tensor:
+        """``λ · mean(σ(b)(1 − σ(b)))`` over the gate bias b (0 without a gate); add it to the loss."""
+        if self.gate is None:
+            return self.head.fc1.weight.new_zeros(())
+        s = torch.sigmoid(self.gate.proj.bias)
+        return self.gate_reg_weight * (s * (1.0 - s)).mean()
+
+    def component_parameters(self) -> dict[str, int]:
+        """Parameter count of each built part (``temporal``, ``gate``, ``spatial``, ``head``)."""
+        out = {}
+        for name in COMPONENTS:
+            module = getattr(self, name)
+            if module is not None:
+                out[name] = sum(p.numel() for p in module.parameters())
+        return out
+
+
+def expected_init_ratio(gate_bias_init: float) -> float:
+    """Relative deviation ‖adapted − centre‖/‖centre‖ of a freshly built gated adapter: σ(b)."""
+    return 1.0 / (1.0 + math.exp(-gate_bias_init))

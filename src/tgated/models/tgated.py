@@ -1,0 +1,865 @@
+"""CLIPSeg + T-Gated adapter: composition, shared-encoder inference core, save/load (DESIGN §5).
+
+Data flow (one context window of K slices, centre at ``K // 2``, slices ordered inferior →
+superior)::
+
+    pixels (K, 3, S, S) ─► CLIP vision embeddings + pre-LayerNorm + encoder layers 0..deepest
+        ─► tokens of the cached layers (K, L, N, C)  (N = (S/16)² + 1, CLS first)
+        ─► adapter per adapted layer over the K slices; other layers from the centre slice
+        ─► CLIPSeg decoder (FiLM by the organ's text embedding) ─► logits (S, S)
+
+Layer numbering follows CLIPSeg's ``extract_layers``: layer ``i`` is the output of encoder block
+``i`` (0-based), i.e. ``hidden_states[i + 1]``, before the post-LayerNorm. The stock
+``CLIPSegForImageSegmentation.forward`` runs the vision tower under ``no_grad``; here it is composed
+by hand and stops after the deepest layer used, so no parameter is left without a gradient.
+
+Entry points
+------------
+* training: ``model(pixel_windows=(B, K, C, S, S), organs=...)`` (end to end, augmentation
+  possible) or ``model(token_windows=(B, K, L, N, C), organs=...)`` with tokens from
+  :meth:`TGatedModel.encode` / :meth:`TGatedModel.encode_stack` (frozen backbone, token cache);
+  ``organs`` are canonical organ ids (B,) or text embeddings (B, projection_dim).
+* inference: :meth:`TGatedModel.segment_stack` / :meth:`TGatedModel.iter_segment_stack` run the
+  encoder once per distinct slice image and decode every organ from the same adapted tokens;
+  :meth:`TGatedModel.segment_stack_naive` is the reference that re-encodes every window for
+  every organ (as the published code does).
+* ``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors`` +
+  ``tokenizer/``.
+
+Images given with one channel are intensities in [0, 1] on the model grid
+(:func:`tgated.data.slices.normalise_intensity` + :func:`~tgated.data.slices.to_model_grid`) and
+are CLIP-normalised here; three-channel images are taken as CLIP-normalised pixel values.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tgated.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
+from tgated.data.slices import clip_normalise, context_indices, gather_windows, physical_context
+from tgated.io.files import atomic_path, atomic_write_json, sha256_file
+from tgated.models.adapter import COMPONENTS, TGatedAdapter
+from tgated.models.backbone import build_clipseg, load_backbone, seeded, skip_init
+from tgated.organs import NUM_ORGANS, ORGANS, Organ, get_organ, parse_organs
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+OrganSpec = str | int | Organ
+
+
+# --------------------------------------------------------------------------------------------
+# Context windows over a stack of slices
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """The distinct images a set of context windows needs, and which one fills each window slot.
+
+    Distinct image ``u`` is ``(1 - w[u]) · slice[lo[u]] + w[u] · slice[hi[u]]`` (``w = 0`` and
+    ``lo = hi`` for an original slice); window ``i``'s k-th slice is image ``index[i, k]``, and the
+    window is centred on slice ``centres[i]``. Encoding the ``U`` images once and gathering tokens
+    with ``index`` gives the same windows as re-encoding every window.
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    w: torch.Tensor
+    index: torch.Tensor
+    centres: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return int(self.lo.numel())
+
+    def images(self, slices: torch.Tensor, which: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Distinct images (or the subset ``which``) from per-slice tensors (Z, ...)."""
+        sel = slice(None) if which is None else which
+        return gather_windows(slices, (self.lo[sel], self.hi[sel], self.w[sel]))
+
+
+def plan_windows(
+    n_slices: int,
+    context: int,
+    *,
+    mode: str = "index",
+    step_mm: float = 3.0,
+    positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
+    centres: torch.Tensor | Sequence[int] | None = None,
+) -> WindowPlan:
+    """Plan the context windows of ``centres`` (default: every slice) of an ``n_slices`` stack.
+
+    ``mode="index"``: neighbours are the adjacent slices, edge slices repeated
+    (:func:`tgated.data.slices.context_indices`). ``mode="physical"``: neighbours at
+    ``k · step_mm`` millimetres, interpolated linearly between the two nearest slices and clamped
+    at the ends (:func:`tgated.data.slices.physical_context`); ``positions_mm`` (increasing, one
+    per slice) is required. Identical interpolated images are planned once.
+    """
+    if n_slices < 1:
+        raise ValueError(f"a stack needs at least one slice, got {n_slices}")
+    c = torch.arange(n_slices) if centres is None else torch.as_tensor(centres, dtype=torch.long)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= n_slices):
+        raise ValueError(f"centre slices must lie in 0..{n_slices - 1}, got {c.tolist()[:10]}")
+    if mode == "index":
+        lo = context_indices(n_slices, context, c)
+        hi, w = lo, torch.zeros(lo.shape, dtype=torch.float32)
+    elif mode == "physical":
+        if positions_mm is None:
+            raise ValueError(
+                "context_mode 'physical' needs the slice positions in mm (positions_mm, one per slice); "
+                "pass them or use context_mode 'index'"
+            )
+        pos = np.asarray(positions_mm, dtype=np.float64).reshape(-1)
+        if pos.size != n_slices:
+            raise ValueError(
+                f"positions_mm has {pos.size} values for {n_slices} slices; expected one per slice"
+            )
+        if pos.size > 1 and not np.all(np.diff(pos) > 0):
+            raise ValueError(
+                "positions_mm must increase strictly (slices ordered inferior → superior, canonical frame); "
+                f"got {pos[:6].tolist()}..."
+            )
+        lo, hi, w = physical_context(pos, context, step_mm, c)
+        # An interpolation weight of exactly 0 or 1 is the original slice: plan it once.
+        hi = torch.where(w == 0, lo, hi)
+        lo = torch.where(w == 1, hi, lo)
+        w = torch.where(w == 1, torch.zeros_like(w), w)
+    else:
+        raise ValueError(f"unknown context mode {mode!r}; expected 'index' or 'physical'")
+    keys = torch.stack([lo.reshape(-1), hi.reshape(-1), w.reshape(-1).view(torch.int32).long()], dim=1)
+    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    return WindowPlan(
+        lo=uniq[:, 0].contiguous(),
+        hi=uniq[:, 1].contiguous(),
+        w=uniq[:, 2].int().view(torch.float32).contiguous(),
+        index=inverse.view(lo.shape),
+        centres=c,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class TGatedModel(nn.Module):
+    """CLIPSeg with the T-Gated adapter (or without: ``adapter: none``, the single-slice baseline).
+
+    Build with :meth:`from_config` (backbone from a checkpoint or random) or
+    :meth:`from_pretrained` (a saved model). Attributes: ``config`` (the resolved
+    :class:`~tgated.config.ModelConfig`), ``context`` (K; 1 without adapter), ``token_layers``
+    (encoder layers whose tokens are cached, in decoder input order), ``adapted_layers``,
+    ``image_size`` (S), ``organs`` (the organs it segments), ``note`` (how the backbone was made).
+    """
+
+    def __init__(
+        self, config: ModelConfig, backbone: Any, tokenizer: Any | None = None, *, note: str = ""
+    ) -> None:
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        cfg = self.config
+        if cfg.model_type != "tgated":
+            raise ValueError(f"model.model_type is {cfg.model_type!r}; TGatedModel needs 'tgated'")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.note = note
+        clip_cfg = backbone.config
+        vis = clip_cfg.vision_config
+        self.num_encoder_layers = int(vis.num_hidden_layers)
+        self.channels = int(vis.hidden_size)
+        self.image_size = int(cfg.preprocess.image_size)
+        self._check_geometry(clip_cfg)
+        extract = [int(i) for i in clip_cfg.extract_layers]
+
+        if cfg.adapter == "none":
+            if cfg.context != 1:
+                logger.info(
+                    "adapter: none — the single-slice baseline; context K=%d forced to 1", cfg.context
+                )
+            self.context = 1
+        else:
+            if cfg.context < 1 or cfg.context % 2 == 0:
+                raise ValueError(
+                    f"model.context={cfg.context}: expected an odd number >= 1 (1, 3, 5, 7, ...)"
+                )
+            self.context = int(cfg.context)
+
+        if cfg.variant == "reference":
+            final = self.num_encoder_layers - 1
+            self.token_layers: tuple[int, ...] = (final,)
+            self.adapted_layers: tuple[int, ...] = () if cfg.adapter == "none" else (final,)
+        else:
+            self.token_layers = tuple(extract)
+            if cfg.adapter == "none":
+                self.adapted_layers = ()
+            else:
+                if len(set(cfg.adapt_layers)) != len(cfg.adapt_layers) or not cfg.adapt_layers:
+                    raise ValueError(
+                        f"model.adapt_layers={cfg.adapt_layers}: expected one or more distinct layers from "
+                        f"extract_layers {extract}"
+                    )
+                bad = [i for i in cfg.adapt_layers if i not in extract]
+                if bad:
+                    raise ValueError(
+                        f"model.adapt_layers={cfg.adapt_layers}: {bad} not among the backbone's extract_layers "
+                        f"{extract}; valid adapt layers: {', '.join(map(str, extract))}"
+                    )
+                self.adapted_layers = tuple(int(i) for i in cfg.adapt_layers)
+        self.deepest = max(self.token_layers)
+        self.adapters = nn.ModuleDict(
+            {
+                str(layer): TGatedAdapter(
+                    self.channels,
+                    self.context,
+                    cfg.adapter_config,
+                    temporal=cfg.temporal,
+                    gate=cfg.gate,
+                    spatial=cfg.spatial,
+                    residual_head=cfg.variant != "reference",
+                )
+                for layer in self.adapted_layers
+            }
+        )
+        self.organs: tuple[Organ, ...] = parse_organs(cfg.organs or None)
+        self.prompts: dict[str, str] = {}
+        for key, prompt in cfg.prompts.items():
+            self.prompts[get_organ(key).name] = str(prompt)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._table_memo: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._set_trainable()
+
+    # ---------------------------------------------------------------- construction helpers
+
+    def _check_geometry(self, clip_cfg: Any) -> None:
+        vis = clip_cfg.vision_config
+        patch, s = int(vis.patch_size), self.image_size
+        if s % patch:
+            raise ValueError(
+                f"model.preprocess.image_size={s} is not a multiple of the backbone's patch size {patch}; "
+                f"use e.g. {max(patch, s // patch * patch)}"
+            )
+        if clip_cfg.use_complex_transposed_convolution and (patch // 4) ** 2 != patch:
+            raise ValueError(
+                f"backbone patch size {patch} with the complex transposed convolution upsamples by "
+                f"{(patch // 4) ** 2}, not {patch}: the decoder output would not match the {s}-pixel input"
+            )
+
+    @property
+    def vision(self) -> Any:
+        return self.backbone.clip.vision_model
+
+    @property
+    def decoder(self) -> Any:
+        return self.backbone.decoder
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _set_trainable(self) -> None:
+        """Freeze what is never trained or never used, so every trainable parameter gets a gradient."""
+        self.backbone.requires_grad_(False)
+        if self.config.train_backbone:
+            vm = self.vision
+            vm.embeddings.requires_grad_(True)
+            vm.pre_layrnorm.requires_grad_(True)
+            for layer in vm.encoder.layers[: self.deepest + 1]:
+                layer.requires_grad_(True)
+        self.decoder.requires_grad_(True)
+        n_inputs = len(self.token_layers)
+        for module in (*self.decoder.reduces[n_inputs:], *self.decoder.layers[n_inputs:]):
+            module.requires_grad_(False)  # the reference variant feeds one activation only
+        self.adapters.requires_grad_(True)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        *,
+        device: str | torch.device | None = None,
+        meta: bool = False,
+        local_files_only: bool = False,
+        fallback_to_random: bool = False,
+    ) -> TGatedModel:
+        """Build from a :class:`~tgated.config.ModelConfig`: backbone from ``backbone.source``
+        (checkpoint directory, hub id, or ``random``), fresh adapters seeded by
+        ``backbone.seed + 1``. ``meta`` builds the architecture without weights (counting
+        parameters); ``fallback_to_random`` replaces an unavailable checkpoint by the rd64
+        architecture with random weights (the model's ``note`` says so)."""
+        bb = load_backbone(
+            config.backbone,
+            config.preprocess.image_size,
+            config.prompts.values(),
+            meta=meta,
+            local_files_only=local_files_only,
+            fallback_to_random=fallback_to_random,
+        )
+        ctx = torch.device("meta") if meta else seeded(config.backbone.seed + 1)
+        with ctx:
+            model = cls(config, bb.model, bb.tokenizer, note=bb.note)
+        if device is not None and not meta:
+            model.to(device)
+        return model
+
+    # ---------------------------------------------------------------- text conditioning
+
+    def prompt(self, organ: OrganSpec) -> str:
+        """The text prompt of an organ (config ``prompts`` override, else organs.py)."""
+        o = organ if isinstance(organ, Organ) else get_organ(organ)
+        return self.prompts.get(o.name, o.prompt)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self._text_cache.clear()
+        self._table_memo.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(O, projection_dim) conditional embeddings of ``prompts``, computed once per prompt.
+
+        The text tower is frozen; each prompt is tokenised and encoded on its own (no padding),
+        so an embedding never depends on the other prompts.
+        """
+        if self.tokenizer is None:
+            raise ValueError(
+                "this model has no tokenizer (built without weights); pass text embeddings instead"
+            )
+        text = self.backbone.clip
+        for p in prompts:
+            if p in self._text_cache:
+                continue
+            max_len = int(self.backbone.config.text_config.max_position_embeddings)
+            enc = self.tokenizer(p, return_tensors="pt", truncation=True, max_length=max_len)
+            dev = text.text_projection.weight.device
+            was_training = text.training
+            text.eval()
+            try:
+                emb = text.get_text_features(
+                    input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev)
+                ).pooler_output
+            finally:
+                text.train(was_training)
+            self._text_cache[p] = emb[0].detach().float().cpu()
+        dev, dt = self.device, self.decoder.film_mul.weight.dtype
+        return torch.stack([self._text_cache[p] for p in prompts]).to(dev, dt)
+
+    def organ_embeddings(self, organ_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) canonical organ ids (1-13) → (B, projection_dim) text embeddings."""
+        ids = torch.as_tensor(organ_ids)
+        if ids.numel() and (int(ids.min()) < 1 or int(ids.max()) > NUM_ORGANS):
+            raise ValueError(f"organ ids must be canonical ids 1-{NUM_ORGANS}, got {ids.unique().tolist()}")
+        key = (self.device, self.decoder.film_mul.weight.dtype)
+        if key not in self._table_memo:
+            emb = self.text_embeddings([self.prompt(o) for o in ORGANS])
+            self._table_memo[key] = torch.cat([emb.new_zeros(1, emb.shape[1]), emb])
+        return self._table_memo[key][ids.to(key[0]).long()]
+
+    def _conditioning(self, organs: Any, batch: int) -> torch.Tensor:
+        if isinstance(organs, torch.Tensor) and organs.is_floating_point():
+            cond = organs
+        elif isinstance(organs, torch.Tensor):
+            cond = self.organ_embeddings(organs.reshape(-1))
+        elif isinstance(organs, (list, tuple)):
+            cond = self.organ_embeddings(
+                torch.tensor([get_organ(o).id if not isinstance(o, Organ) else o.id for o in organs])
+            )
+        else:
+            raise ValueError(
+                f"organs: expected canonical organ ids (B,), names, or text embeddings (B, P); got {type(organs).__name__}"
+            )
+        p = int(self.backbone.config.projection_dim)
+        if cond.dim() != 2 or cond.shape != (batch, p):
+            raise ValueError(
+                f"organ conditioning has shape {tuple(cond.shape)}; expected ({batch}, {p}) for a batch of {batch}"
+            )
+        return cond.to(self.decoder.film_mul.weight.dtype)
+
+    # ---------------------------------------------------------------- composed forward
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"expected images (M, 1 or 3, S, S), got shape {tuple(images.shape)}: one channel = intensities "
+                "in [0, 1] on the model grid, three = CLIP-normalised pixel values"
+            )
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"images are {tuple(images.shape[-2:])} pixels; this model runs at "
+                f"{self.image_size}×{self.image_size} (preprocess.image_size): resize with "
+                "tgated.data.slices.to_model_grid"
+            )
+        x = images.to(self.device, self.vision.embeddings.patch_embedding.weight.dtype)
+        return clip_normalise(x, self.config.preprocess) if x.shape[1] == 1 else x
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Vision tokens of single slices: (M, 1|3, S, S) → (M, L, N, C), L = ``len(token_layers)``.
+
+        Runs embeddings (position grid interpolated to S), pre-LayerNorm and encoder blocks
+        ``0..deepest``. Gradients flow only when ``train_backbone`` is on.
+        """
+        x = self._pixels(images)
+        vm = self.vision
+        grad = torch.is_grad_enabled() and self.config.train_backbone
+        wanted = {layer: j for j, layer in enumerate(self.token_layers)}
+        outs: list[torch.Tensor | None] = [None] * len(self.token_layers)
+        with torch.set_grad_enabled(grad):
+            h = vm.pre_layrnorm(vm.embeddings(x, interpolate_pos_encoding=True))
+            for i, layer in enumerate(vm.encoder.layers[: self.deepest + 1]):
+                h = layer(h, None)
+                if i in wanted:
+                    outs[wanted[i]] = h
+        return torch.stack(outs, dim=1)  # type: ignore[arg-type]
+
+    def adapt(self, token_windows: torch.Tensor) -> list[torch.Tensor]:
+        """(B, K, L, N, C) window tokens → the decoder's L inputs, each (B, N, C).
+
+        Adapted layers go through their adapter; the others come from the centre slice.
+        """
+        k = token_windows.shape[1]
+        out = []
+        for j, layer in enumerate(self.token_layers):
+            key = str(layer)
+            if key in self.adapters:
+                out.append(self.adapters[key](token_windows[:, :, j]))
+            else:
+                out.append(token_windows[:, k // 2, j])
+        return out
+
+    def decode(self, activations: list[torch.Tensor], conditional: torch.Tensor) -> torch.Tensor:
+        """CLIPSeg decoder: L activations (B, N, C) + text embeddings (B, P) → logits (B, S, S)."""
+        dt = self.decoder.film_mul.weight.dtype
+        return self.decoder([a.to(dt) for a in activations], conditional.to(dt)).logits
+
+    def forward(
+        self,
+        pixel_windows: torch.Tensor | None = None,
+        organs: torch.Tensor | Sequence[OrganSpec] | None = None,
+        *,
+        token_windows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training / evaluation forward → logits (B, S, S) for the windows' centre slices.
+
+        Give exactly one of ``pixel_windows`` (B, K, 1|3, S, S) or ``token_windows``
+        (B, K, L, N, C) from :meth:`encode`; ``organs`` are canonical organ ids (B,), organ names,
+        or text embeddings (B, projection_dim).
+        """
+        if (pixel_windows is None) == (token_windows is None):
+            raise ValueError(
+                "pass exactly one of pixel_windows (B, K, C, S, S) or token_windows (B, K, L, N, C)"
+            )
+        if organs is None:
+            raise ValueError("organs is required: canonical organ ids (B,), names, or text embeddings (B, P)")
+        if pixel_windows is not None:
+            if pixel_windows.dim() != 5:
+                raise ValueError(
+                    f"pixel_windows: expected (B, K, C, S, S), got shape {tuple(pixel_windows.shape)}"
+                )
+            b, k = pixel_windows.shape[:2]
+            self._check_k(k)
+            tokens = self.encode(pixel_windows.flatten(0, 1)).unflatten(0, (b, k))
+        else:
+            assert token_windows is not None
+            expected = (len(self.token_layers), None, self.channels)
+            if (
+                token_windows.dim() != 5
+                or token_windows.shape[2] != expected[0]
+                or token_windows.shape[4] != expected[2]
+            ):
+                raise ValueError(
+                    f"token_windows: expected (B, K, L={expected[0]}, N, C={self.channels}), "
+                    f"got shape {tuple(token_windows.shape)}"
+                )
+            b, k = token_windows.shape[:2]
+            self._check_k(k)
+            tokens = token_windows.to(self.device, self.decoder.film_mul.weight.dtype)
+        return self.decode(self.adapt(tokens), self._conditioning(organs, b))
+
+    def _check_k(self, k: int) -> None:
+        if k != self.context:
+            raise ValueError(f"windows hold {k} slices; this model uses context K={self.context}")
+
+    # ---------------------------------------------------------------- training helpers
+
+    def gate_regularization(self) -> torch.Tensor:
+        """Sum over adapters of ``λ · mean(σ(b)(1 − σ(b)))`` (0 without gates): add to the loss."""
+        terms = [a.gate_regularization() for a in self.adapters.values()]
+        if not terms:
+            return self.decoder.film_mul.weight.new_zeros(())
+        return torch.stack(terms).sum()
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by learning-rate group: ``adapter``, ``decoder``, ``backbone``."""
+        return {
+            "adapter": [p for p in self.adapters.parameters() if p.requires_grad],
+            "decoder": [p for p in self.decoder.parameters() if p.requires_grad],
+            "backbone": [p for p in self.backbone.clip.parameters() if p.requires_grad],
+        }
+
+    def parameter_counts(self) -> dict[str, Any]:
+        """Parameter counts: backbone (CLIP towers), adapter, decoder, total, trainable, per adapter part."""
+
+        def n(ps: Any) -> int:
+            return sum(p.numel() for p in ps)
+
+        comps: dict[str, int] = {}
+        for adapter in self.adapters.values():
+            for name, count in adapter.component_parameters().items():
+                comps[name] = comps.get(name, 0) + count
+        return {
+            "backbone": n(self.backbone.clip.parameters()),
+            "adapter": n(self.adapters.parameters()),
+            "decoder": n(self.decoder.parameters()),
+            "total": n(self.parameters()),
+            "trainable": n(p for p in self.parameters() if p.requires_grad),
+            "adapter_components": {k: comps[k] for k in COMPONENTS if k in comps},
+        }
+
+    # ---------------------------------------------------------------- shared-encoder inference
+
+    def plan(
+        self,
+        n_slices: int,
+        positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
+        centres: torch.Tensor | Sequence[int] | None = None,
+    ) -> WindowPlan:
+        """:func:`plan_windows` with this model's K, ``context_mode`` and ``context_step_mm``."""
+        mode = self.config.context_mode if self.context > 1 else "index"
+        return plan_windows(
+            n_slices,
+            self.context,
+            mode=mode,
+            step_mm=self.config.context_step_mm,
+            positions_mm=positions_mm,
+            centres=centres,
+        )
+
+    @torch.no_grad()
+    def encode_stack(
+        self,
+        slices: torch.Tensor,
+        *,
+        positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
+        centres: torch.Tensor | Sequence[int] | None = None,
+        batch_size: int = 16,
+        cache_dtype: torch.dtype | None = None,
+        quiet: bool = True,
+    ) -> tuple[torch.Tensor, WindowPlan]:
+        """Encode each distinct image of a stack's windows once.
+
+        ``slices`` (Z, 1, S, S) in [0, 1] (or (Z, 3, S, S) CLIP-normalised) on any device.
+        Returns tokens (U, L, N, C) on the model's device (``cache_dtype``, default the model's)
+        and the :class:`WindowPlan`; window tokens are ``tokens[plan.index]``.
+        """
+        from tqdm.auto import tqdm
+
+        if slices.dim() != 4:
+            raise ValueError(f"slices: expected (Z, 1, S, S), got shape {tuple(slices.shape)}")
+        _check_batch_size(batch_size)
+        plan = self.plan(slices.shape[0], positions_mm, centres)
+        chunks = []
+        for start in tqdm(range(0, plan.num_images, batch_size), desc="encode", disable=quiet, leave=False):
+            which = slice(start, start + batch_size)
+            tok = self.encode(plan.images(slices, which))
+            chunks.append(tok if cache_dtype is None else tok.to(cache_dtype))
+        return torch.cat(chunks), plan
+
+    def _organ_list(self, organs: Sequence[OrganSpec] | None) -> list[Organ]:
+        if organs is None:
+            return list(self.organs)
+        out = [o if isinstance(o, Organ) else get_organ(o) for o in organs]
+        if not out:
+            raise ValueError("organs: expected at least one organ")
+        return out
+
+    @torch.no_grad()
+    def iter_segment_stack(
+        self,
+        slices: torch.Tensor,
+        organs: Sequence[OrganSpec] | None = None,
+        *,
+        positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
+        batch_size: int = 16,
+        quiet: bool = True,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Stream logits over a stack: yields ``(centres (n,), logits (n, O, S, S))`` chunks.
+
+        The encoder runs once per distinct image (tokens of the whole stack are kept: Z × L × N × C
+        values), the adapter once per centre slice over its window's cached tokens, and the
+        decoder once per (slice, organ) pair, ``batch_size`` slices × O organs per call. Organs
+        (default: the model's) are returned in the order given. Call in eval mode.
+        """
+        from tqdm.auto import tqdm
+
+        organ_list = self._organ_list(organs)
+        cond = self.text_embeddings([self.prompt(o) for o in organ_list])
+        tokens, plan = self.encode_stack(
+            slices, positions_mm=positions_mm, batch_size=batch_size, quiet=quiet
+        )
+        n_org = len(organ_list)
+        for start in tqdm(
+            range(0, plan.index.shape[0], batch_size), desc="decode", disable=quiet, leave=False
+        ):
+            idx = plan.index[start : start + batch_size].to(tokens.device)
+            n = idx.shape[0]
+            acts = self.adapt(tokens[idx].to(self.decoder.film_mul.weight.dtype))
+            logits = self.decode([a.repeat_interleave(n_org, dim=0) for a in acts], cond.repeat(n, 1))
+            yield plan.centres[start : start + n], logits.view(n, n_org, *logits.shape[-2:])
+
+    @torch.no_grad()
+    def segment_stack(
+        self,
+        slices: torch.Tensor,
+        organs: Sequence[OrganSpec] | None = None,
+        *,
+        positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
+        batch_size: int = 16,
+        quiet: bool = True,
+    ) -> torch.Tensor:
+        """Logits (Z, O, S, S) for every slice of a (Z, 1, S, S) stack and every organ (shared encoder).
+
+        ``slices``: intensities in [0, 1] on the model grid, ordered inferior → superior;
+        ``positions_mm``: slice positions (needed for ``context_mode: physical``). The result lives
+        on ``slices``' device; apply ``sigmoid`` for probabilities.
+        """
+        parts = [
+            lg.to(slices.device)
+            for _, lg in self.iter_segment_stack(
+                slices, organs, positions_mm=positions_mm, batch_size=batch_size, quiet=quiet
+            )
+        ]
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def segment_stack_naive(
+        self,
+        slices: torch.Tensor,
+        organs: Sequence[OrganSpec] | None = None,
+        *,
+        positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        """Reference for :meth:`segment_stack`: re-encodes all K slices of every window for every
+        organ (the published code's inference), ``batch_size`` windows per forward."""
+        _check_batch_size(batch_size)
+        organ_list = self._organ_list(organs)
+        cond = self.text_embeddings([self.prompt(o) for o in organ_list])
+        z = slices.shape[0]
+        if self.context > 1 and self.config.context_mode == "physical":
+            if positions_mm is None:
+                raise ValueError("context_mode 'physical' needs positions_mm (one per slice)")
+            index: Any = physical_context(
+                np.asarray(positions_mm, dtype=np.float64), self.context, self.config.context_step_mm
+            )
+        else:
+            index = context_indices(z, self.context)
+        out = None
+        for o in range(len(organ_list)):
+            for start in range(0, z, batch_size):
+                sel = slice(start, start + batch_size)
+                idx = index[sel] if isinstance(index, torch.Tensor) else tuple(t[sel] for t in index)
+                windows = gather_windows(slices, idx)
+                logits = self(pixel_windows=windows, organs=cond[o].expand(windows.shape[0], -1))
+                if out is None:
+                    out = logits.new_empty(z, len(organ_list), *logits.shape[-2:])
+                out[sel, o] = logits
+        assert out is not None
+        return out.to(slices.device)
+
+    # ---------------------------------------------------------------- save / load
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and ``tokenizer/`` into ``directory``.
+
+        ``config.json`` holds ``model_type: tgated``, the full model config (incl. preprocessing),
+        the CLIPSeg architecture (loading never needs the hub) and the weights' SHA-256. Each file
+        is written atomically; ``config.json`` last.
+        """
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(out / WEIGHTS_NAME, suffix=".safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "model_type": "tgated"})
+        digest = sha256_file(out / WEIGHTS_NAME)
+        has_tok = self.tokenizer is not None
+        if has_tok:
+            _replace_dir(out / TOKENIZER_DIR, self.tokenizer.save_pretrained)
+        from tgated import __version__
+
+        atomic_write_json(
+            out / CONFIG_NAME,
+            {
+                "model_type": "tgated",
+                "format_version": FORMAT_VERSION,
+                "tgated_version": __version__,
+                "model": to_dict(self.config),
+                "clipseg": self.backbone.config.to_dict(),
+                "weights": WEIGHTS_NAME,
+                "weights_sha256": digest,
+                "tokenizer": TOKENIZER_DIR if has_tok else None,
+            },
+        )
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> TGatedModel:
+        """Load a model written by :meth:`save_pretrained` (or a run folder holding ``model/``).
+
+        The weights' checksum is verified; a missing, truncated or modified ``model.safetensors``,
+        a config that is not ours (e.g. a raw CLIPSeg checkpoint) or mismatched tensors raise a
+        ``ValueError`` naming the file. Returned in eval mode.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, CLIPSegConfig
+
+        root = Path(directory)
+        if not (root / CONFIG_NAME).is_file() and (root / "model" / CONFIG_NAME).is_file():
+            root = root / "model"
+        cfg_path = root / CONFIG_NAME
+        if not root.is_dir():
+            raise FileNotFoundError(f"model folder {str(root)!r} does not exist")
+        if not cfg_path.is_file():
+            raise FileNotFoundError(
+                f"{cfg_path} does not exist: {str(root)!r} is not a saved T-Gated model "
+                "(expected config.json + model.safetensors written by save_pretrained)"
+            )
+        try:
+            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+        model_type = meta.get("model_type") if isinstance(meta, dict) else None
+        if model_type == "clipseg":
+            raise ValueError(
+                f"{cfg_path}: this is a raw CLIPSeg checkpoint (model_type 'clipseg'), not a T-Gated model; "
+                "use it as model.backbone.source in a training config"
+            )
+        if model_type != "tgated":
+            raise ValueError(
+                f"{cfg_path}: model_type is {model_type!r}; expected 'tgated' (a model saved by tgated)"
+            )
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{cfg_path}: format_version {meta.get('format_version')} is newer than this tgated "
+                f"understands ({FORMAT_VERSION}); upgrade tgated"
+            )
+        for key in ("model", "clipseg", "weights_sha256"):
+            if key not in meta:
+                raise ValueError(
+                    f"{cfg_path}: missing key {key!r}; the file is incomplete — re-save the model"
+                )
+        try:
+            model_cfg = from_dict(ModelConfig, meta["model"])
+        except ConfigError as exc:
+            raise ValueError(f"{cfg_path}: {exc}") from None
+        weights = root / str(meta.get("weights", WEIGHTS_NAME))
+        if not weights.is_file():
+            raise ValueError(
+                f"{weights} is missing; the saved model is incomplete — re-save it with save_pretrained"
+            )
+        digest = sha256_file(weights)
+        if digest != meta["weights_sha256"]:
+            raise ValueError(
+                f"{weights}: SHA-256 {digest[:16]}… does not match the {meta['weights_sha256'][:16]}… recorded in "
+                f"{cfg_path}: the file was truncated or modified after saving — restore it or re-save the model"
+            )
+        try:
+            state = load_file(str(weights), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from None
+        clip_cfg = CLIPSegConfig.from_dict(meta["clipseg"])
+        tokenizer = None
+        if meta.get("tokenizer"):
+            tok_dir = root / str(meta["tokenizer"])
+            if not tok_dir.is_dir():
+                raise ValueError(f"{tok_dir} is missing; the saved model is incomplete — re-save it")
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        with skip_init():
+            model = cls(model_cfg, build_clipseg(clip_cfg, init=False), tokenizer, note=f"loaded from {root}")
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{weights}: tensors do not fit the model in {cfg_path} ({str(exc)[:500]})"
+            ) from None
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"{weights}: tensors do not match the model described by {cfg_path} "
+                f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
+            )
+        return model.to(device).eval()
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _replace_dir(target: Path, writer: Any) -> None:
+    """Write a folder through ``writer(tmp_dir)`` next to ``target`` and swap it in."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    old = None
+    try:
+        writer(str(tmp))
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            old.rmdir()
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# tgated info
+# --------------------------------------------------------------------------------------------
+
+
+def model_info(config_path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Resolved config and parameter counts for ``tgated info CONFIG [--set k=v ...]``.
+
+    Builds the architecture without weights (meta device: fast, no memory). A checkpoint that is
+    not available locally is not downloaded: the built-in rd64-refined architecture is counted
+    instead, and ``note`` says so.
+    """
+    cfg = load_config(config_path, overrides)
+    if cfg.model.model_type != "tgated":
+        raise ValueError(
+            f"{config_path}: model.model_type is {cfg.model.model_type!r}; parameter counts here cover "
+            "'tgated' models"
+        )
+    model = TGatedModel.from_config(cfg.model, meta=True, local_files_only=True, fallback_to_random=True)
+    notes = [model.note]
+    if cfg.model.adapter == "none" and cfg.model.context != 1:
+        notes.append(
+            f"adapter: none is the single-slice baseline: context {cfg.model.context} is used as K=1"
+        )
+    if cfg.model.variant == "reference":
+        notes.append(
+            f"variant: reference adapts the final encoder layer ({model.num_encoder_layers - 1}) and feeds "
+            "only it to the decoder; adapt_layers is not used"
+        )
+    return {"config": to_dict(cfg), "parameters": model.parameter_counts(), "note": "; ".join(notes)}
