@@ -1,0 +1,373 @@
+"""Score a folder of predictions against a dataset's ground truth: ``metrics.csv`` + ``summary.json``.
+
+DESIGN §6 and §7. Predictions are ``<case id>.nii.gz`` label maps in canonical organ ids (0 =
+background, 1-13 as in :mod:`tgated.organs`), matched to the ground-truth cases that
+:func:`tgated.data.datasets.ground_truth_cases` finds for the layout (``--gt`` is the dataset root,
+or the label folder for the ``folder`` layout).
+
+* Matching: a prediction without a ground-truth case, or no matched case at all, is an error that
+  lists the files. Ground-truth cases without a prediction are not scored; they are logged and listed
+  in ``summary.json`` under ``unpredicted_cases`` (so that a test split can be scored against a full
+  dataset root).
+* Geometry: both label maps are compared in the canonical frame. A prediction on the ground truth's
+  physical grid but stored with another axis order or direction is reoriented exactly; any other
+  mismatch (shape, spacing, origin, oblique direction) is an error naming both files. Spacing comes
+  from the ground truth's header.
+* Organs: those the dataset labels for the case (:attr:`Case.labelled`); others are excluded, never
+  scored (BTCV has no duodenum, so duodenum never appears in BTCV metrics).
+* Protocols: see :mod:`tgated.metrics` (``native``, ``flare22``, ``paper``).
+
+``metrics.csv`` has the columns ``case,organ,dice,nsd,hd95,gt_voxels,pred_voxels`` (one row per case
+and scored organ; floats at full precision, NaN written as ``nan``); ``summary.json`` holds
+``dataset``, ``protocol``, ``cases``, ``mean_dice``, ``mean_nsd``, ``organs`` ({name: {dice, nsd,
+hd95, n, ...}}) and a few more keys documented in :func:`evaluate` (NaN written as ``null``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from tgated import __version__
+from tgated.data.datasets import Case, case_id_from_path, check_layout, ground_truth_cases, load_label
+from tgated.io.files import atomic_write_json, atomic_write_text, is_temporary, read_json
+from tgated.io.volumes import NIFTI_SUFFIXES, Volume, check_same_grid, read_volume
+from tgated.metrics import (
+    CSV_COLUMNS,
+    OrganScore,
+    check_protocol,
+    flare22_case_scores,
+    native_case_scores,
+    paper_case_scores,
+    summarise,
+)
+from tgated.organs import NUM_ORGANS
+
+logger = logging.getLogger(__name__)
+
+METRICS_CSV = "metrics.csv"
+SUMMARY_JSON = "summary.json"
+PROVENANCE_JSON = "provenance.json"
+MAX_WORKERS = 4
+"""Upper bound on worker processes: each holds two full volumes (about 1 GB for 512×512×200)."""
+MIN_CASES_PER_WORKER = 4
+"""Below this many cases per worker, start-up costs more than it saves: cases are scored in-process."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    case: Case
+    prediction: Path
+    protocol: str
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _listing(items: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def prediction_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """Case id -> prediction file for the ``<case id>.nii.gz`` (or ``.nii``) files of a folder.
+
+    Hidden files, leftovers of interrupted writes and non-NIfTI files (``labels.json``,
+    ``provenance.json``, ``*_probs.npz``) are ignored; two files for one case id are an error.
+    """
+    p = Path(folder)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: prediction folder does not exist")
+    if not p.is_dir():
+        raise NotADirectoryError(
+            f"{p}: prediction path is not a folder; expected a folder of <case>.nii.gz files"
+        )
+    found: dict[str, Path] = {}
+    for f in sorted(p.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or is_temporary(f):
+            continue
+        if not f.name.lower().endswith(NIFTI_SUFFIXES):
+            continue
+        cid = case_id_from_path(f)
+        if cid in found:
+            raise ValueError(
+                f"{p}: two predictions for case {cid!r} ({found[cid].name}, {f.name}); keep one of them"
+            )
+        found[cid] = f
+    if not found:
+        raise ValueError(
+            f"{p}: no prediction files; expected <case id>.nii.gz label maps (see `tgated predict`)"
+        )
+    return found
+
+
+def _check_prediction(vol: Volume) -> np.ndarray:
+    """The prediction's labels as uint8; values must be canonical ids 0..13."""
+    data = vol.data
+    if data.dtype.kind == "f":
+        rounded = np.rint(data)
+        bad = rounded != data
+        if bad.any():
+            raise ValueError(
+                f"{vol.source}: prediction holds non-integer values (e.g. {data[bad].flat[0]!r}); expected "
+                f"integer organ ids 0..{NUM_ORGANS} — is this a probability map or an image?"
+            )
+        data = rounded
+    lo, hi = data.min(), data.max()
+    if lo < 0 or hi > NUM_ORGANS:
+        outside = np.unique(data[(data < 0) | (data > NUM_ORGANS)])[:10]
+        raise ValueError(
+            f"{vol.source}: prediction holds label values {[int(v) for v in outside]} outside 0..{NUM_ORGANS}; "
+            "expected canonical organ ids (0 = background, 1-13 as in labels.json) — convert dataset ids first"
+        )
+    return data.astype(np.uint8, copy=False)
+
+
+def _file_spacing(vol: Volume) -> tuple[float, float, float]:
+    """Voxel size (mm) along the file's own array axes, from its header (``get_zooms()``) when it has one."""
+    if vol.header is not None:
+        zooms = vol.header.get_zooms()[:3]
+        if len(zooms) == 3 and all(z > 0 for z in zooms):
+            return tuple(float(z) for z in zooms)  # type: ignore[return-value]
+    return tuple(float(v) for v in np.linalg.norm(vol.original_affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def _model_info(pred_dir: Path) -> dict[str, Any] | None:
+    """The model entry of the prediction folder's ``provenance.json`` (hash, name), when there is one.
+
+    Reports group evaluations of the same model by it. Accepts ``{"model": {"hash": ...}}`` or
+    ``{"model_hash": ...}``; an unreadable file is logged and ignored (it does not affect scores).
+    """
+    path = pred_dir / PROVENANCE_JSON
+    if not path.is_file():
+        return None
+    try:
+        prov = read_json(path)
+    except (OSError, ValueError) as exc:
+        logger.warning("%s: ignored (%s)", path, exc)
+        return None
+    if not isinstance(prov, dict):
+        return None
+    model = prov.get("model")
+    info: dict[str, Any] = {}
+    if isinstance(model, dict):
+        info = {k: model[k] for k in ("hash", "name", "path") if isinstance(model.get(k), str)}
+    if "hash" not in info and isinstance(prov.get("model_hash"), str):
+        info["hash"] = prov["model_hash"]
+    return info or None
+
+
+# ---------------------------------------------------------------------------------------------
+# one case
+# ---------------------------------------------------------------------------------------------
+
+
+def score_case_files(case: Case, prediction: str | os.PathLike, protocol: str = "native") -> list[OrganScore]:
+    """Scores of one case's prediction file against its ground truth (the organs the case labels)."""
+    check_protocol(protocol)
+    gt = load_label(case)
+    pred_vol = read_volume(prediction, label=True)
+    check_same_grid(pred_vol, gt)
+    pred = _check_prediction(pred_vol)
+    organs = list(case.labelled)
+    if protocol == "flare22":
+        # The FLARE22 script works on the label file's own array axes and header zooms.
+        scores = flare22_case_scores(gt.to_original(gt.data), gt.to_original(pred), _file_spacing(gt), organs)
+        for s in scores:
+            if s.gt_voxels and math.isnan(s.dice):
+                logger.warning(
+                    "%s: %s lies in a single slice; the FLARE22 z-crop leaves nothing to score (NaN)",
+                    case.case_id,
+                    s.organ,
+                )
+        return scores
+    if protocol == "paper":
+        return paper_case_scores(gt.data, pred, organs)
+    return native_case_scores(gt.data, pred, gt.spacing, organs)
+
+
+def _run_job(job: _Job) -> list[OrganScore]:
+    return score_case_files(job.case, job.prediction, job.protocol)
+
+
+def _auto_workers(n_jobs: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS, n_jobs // MIN_CASES_PER_WORKER))
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _csv_value(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v)
+    return str(v)
+
+
+def metrics_csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    """``metrics.csv`` content: the header :data:`tgated.metrics.CSV_COLUMNS`, then one line per row."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([_csv_value(r[c]) for c in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN / inf -> None, numpy scalars -> Python numbers, recursively."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    pred: str | os.PathLike,
+    gt: str | os.PathLike,
+    dataset: str,
+    protocol: str = "native",
+    out: str | os.PathLike | None = None,
+    totalseg_task: str | None = None,
+    quiet: bool = False,
+    *,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Score the predictions in ``pred`` against the ground truth of ``dataset`` found under ``gt``.
+
+    Args:
+        pred: folder of ``<case id>.nii.gz`` label maps in canonical organ ids.
+        gt: dataset root for a named layout (flare22, btcv, amos, nnunet, totalseg), the label folder
+            for ``folder``.
+        dataset: the ground truth's layout.
+        protocol: ``native`` (default), ``flare22`` or ``paper`` (see :mod:`tgated.metrics`).
+        out: folder for ``metrics.csv`` and ``summary.json`` (written atomically); None writes nothing.
+        totalseg_task: ``total`` or ``total_mr`` for TotalSegmentator multilabel ground truth.
+        quiet: no progress bar.
+        workers: worker processes (default: one per CPU up to 4 when there are at least 4 cases per
+            worker, else in-process). Output order does not depend on it.
+
+    Returns:
+        The summary written to ``summary.json``: ``dataset``, ``protocol``, ``cases`` (number scored),
+        ``mean_dice``, ``mean_nsd``, ``mean_hd95``, ``organs`` ({name: {dice, nsd, hd95, n, n_nsd,
+        n_hd95, n_both_empty, false_positive_cases, missed_cases}}), the totals ``n_both_empty``,
+        ``false_positive_cases`` and ``missed_cases``, ``unpredicted_cases`` (ground-truth case ids
+        without a prediction), ``pred``, ``gt``, ``totalseg_task``, ``tool_version``, and ``model``
+        ({hash, name} from the prediction folder's ``provenance.json``, when present). Undefined
+        values are NaN here and ``null`` in ``summary.json``.
+    """
+    check_layout(dataset)
+    check_protocol(protocol)
+    if totalseg_task is not None and dataset != "totalseg":
+        raise ValueError(
+            f"--totalseg-task {totalseg_task!r} applies to the totalseg dataset only, not {dataset!r}; drop it"
+        )
+    predictions = prediction_files(pred)
+    cases = ground_truth_cases(gt, dataset, totalseg_task=totalseg_task)
+    by_id = {c.case_id: c for c in cases}
+    orphans = sorted(cid for cid in predictions if cid not in by_id)
+    if orphans:
+        raise ValueError(
+            f"{Path(pred)}: {len(orphans)} prediction(s) have no ground truth in {Path(gt)} "
+            f"({_listing([predictions[c].name for c in orphans])}); ground-truth case ids are e.g. "
+            f"{_listing(sorted(by_id), 3)} — check --dataset / --gt, or name predictions <case id>.nii.gz"
+        )
+    matched = [c for c in cases if c.case_id in predictions]
+    if not matched:
+        raise ValueError(f"{Path(pred)}: no prediction matches a ground-truth case of {Path(gt)}")
+    unpredicted = [c.case_id for c in cases if c.case_id not in predictions]
+    if unpredicted:
+        logger.warning(
+            "%d ground-truth case(s) have no prediction and are not scored: %s",
+            len(unpredicted),
+            _listing(unpredicted),
+        )
+
+    jobs = [_Job(c, predictions[c.case_id], protocol) for c in matched]
+    n_workers = _auto_workers(len(jobs)) if workers is None else max(1, int(workers))
+    n_workers = min(n_workers, len(jobs))
+    logger.info(
+        "evaluating %d case(s) of %s (%s protocol)%s",
+        len(jobs),
+        dataset,
+        protocol,
+        f" with {n_workers} worker processes" if n_workers > 1 else "",
+    )
+    rows: list[dict[str, Any]] = []
+    progress = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=quiet)
+    try:
+        if n_workers > 1:
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method)) as pool:
+                for job, scores in zip(jobs, pool.map(_run_job, jobs), strict=True):
+                    rows += [s.row(job.case.case_id) for s in scores]
+                    progress.update()
+        else:
+            for job in jobs:
+                rows += [s.row(job.case.case_id) for s in _run_job(job)]
+                progress.update()
+    finally:
+        progress.close()
+    if not rows:
+        raise ValueError(
+            f"{Path(gt)}: the {dataset} ground truth labels none of our organs; nothing to score "
+            "(check the label names in dataset.json / the TotalSegmentator masks)"
+        )
+
+    agg = summarise(rows)
+    organs: dict[str, dict[str, Any]] = agg["organs"]  # type: ignore[assignment]
+    summary: dict[str, Any] = {
+        "dataset": dataset,
+        "protocol": protocol,
+        "cases": len(jobs),
+        "mean_dice": agg["mean_dice"],
+        "mean_nsd": agg["mean_nsd"],
+        "mean_hd95": agg["mean_hd95"],
+        "organs": organs,
+        "n_both_empty": sum(int(o["n_both_empty"]) for o in organs.values()),
+        "false_positive_cases": sum(int(o["false_positive_cases"]) for o in organs.values()),
+        "missed_cases": sum(int(o["missed_cases"]) for o in organs.values()),
+        "unpredicted_cases": unpredicted,
+        "pred": str(Path(pred)),
+        "gt": str(Path(gt)),
+        "totalseg_task": totalseg_task,
+        "tool_version": __version__,
+    }
+    model = _model_info(Path(pred))
+    if model is not None:
+        summary["model"] = model
+    if out is not None:
+        out_dir = Path(out)
+        atomic_write_text(out_dir / METRICS_CSV, metrics_csv_text(rows))
+        atomic_write_json(out_dir / SUMMARY_JSON, _json_safe(summary))
+        logger.info("wrote %s and %s", out_dir / METRICS_CSV, out_dir / SUMMARY_JSON)
+    return summary
