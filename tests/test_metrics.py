@@ -197,6 +197,39 @@ def test_matches_monai_on_random_anisotropic_masks(seed):
     assert hd == pytest.approx(ref_hd, abs=1e-4)
 
 
+def _edt_reference(g: np.ndarray, p: np.ndarray, spacing, tol: float) -> tuple[float, float]:
+    """NSD and HD95 the plain way: whole-volume codes by correlation and Euclidean distance transforms."""
+    kernel = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]])
+    table = M._surfel_area_table(tuple(spacing))
+
+    def surfels(m):
+        code = ndimage.correlate(np.pad(m.astype(np.uint8), 1), kernel, mode="constant")[1:, 1:, 1:]
+        return (code != 0) & (code != 255), table[code]
+
+    bg, ag = surfels(g)
+    bp, ap = surfels(p)
+    d_gp = ndimage.distance_transform_edt(~bp, sampling=spacing)[bg]
+    d_pg = ndimage.distance_transform_edt(~bg, sampling=spacing)[bp]
+    nsd = (ag[bg][d_gp <= tol].sum() + ap[bp][d_pg <= tol].sum()) / (ag[bg].sum() + ap[bp].sum())
+    eg, ep = g & ~ndimage.binary_erosion(g), p & ~ndimage.binary_erosion(p)
+    h_pg = ndimage.distance_transform_edt(~eg, sampling=spacing)[ep]
+    h_gp = ndimage.distance_transform_edt(~ep, sampling=spacing)[eg]
+    return float(nsd), float(max(np.percentile(h_pg, 95), np.percentile(h_gp, 95)))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.5, 1.0, 2.0), (0.8, 0.8, 3.0)])
+def test_matches_a_distance_transform_reference_exactly(spacing):
+    """Ties at the tolerance are frequent with round spacings: the comparison must agree exactly."""
+    rng = np.random.default_rng(7)
+    shape = (22, 20, 14)
+    g, p = _blob(rng, shape, 0.5), _blob(rng, shape, 0.5)
+    p |= np.roll(g, 2, axis=2)
+    for tol in (1.0, 2.0, 3.0):
+        nsd, hd = _edt_reference(g, p, spacing, tol)
+        assert M.normalized_surface_dice(g, p, spacing, tol) == pytest.approx(nsd, abs=1e-12)
+        assert M.hausdorff_distance(g, p, spacing) == pytest.approx(hd, abs=1e-9)
+
+
 def test_case_scores_crop_exactly_like_whole_volume_metrics(rng):
     """Scoring label maps (cropped per organ) equals the mask functions on the whole volume."""
     shape = (30, 24, 12)

@@ -160,11 +160,24 @@ def _box_of(boxes: list[tuple[slice, ...] | None], value: int) -> tuple[slice, .
 
 @lru_cache(maxsize=32)
 def _surfel_area_table(spacing: tuple[float, float, float]) -> np.ndarray:
-    """Area in mm² of the surface elements of each of the 256 corner codes (DeepMind's table via MONAI)."""
-    from monai.metrics.utils import create_table_neighbour_code_to_surface_area
+    """Area in mm² of the surface elements of each of the 256 corner codes (DeepMind's table via MONAI).
 
-    table, _kernel = create_table_neighbour_code_to_surface_area(spacing)
-    return table.double().cpu().numpy()
+    Computed in float64 from MONAI's table of unit-cell surfel normals (multiples of 1/8, exact in
+    any precision) as DeepMind's code does: Σ ‖n ⊙ (s₁s₂, s₀s₂, s₀s₁)‖. MONAI's public helper computes
+    the same in float32; it is the fallback should the normals table move.
+    """
+    try:
+        from monai.metrics.utils import _get_neighbour_code_to_normals_table
+
+        normals = _get_neighbour_code_to_normals_table().double().cpu().numpy()  # (256, 4, 3)
+        s0, s1, s2 = spacing
+        scale = np.asarray([s1 * s2, s0 * s2, s0 * s1], dtype=np.float64)
+        return np.linalg.norm(normals * scale, axis=-1).sum(axis=-1)
+    except ImportError:  # pragma: no cover - depends on MONAI's internals
+        from monai.metrics.utils import create_table_neighbour_code_to_surface_area
+
+        table, _kernel = create_table_neighbour_code_to_surface_area(spacing)
+        return table.double().cpu().numpy()
 
 
 def _corner_codes(mask: np.ndarray) -> np.ndarray:
