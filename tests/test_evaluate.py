@@ -16,7 +16,14 @@ from tgated import metrics as M
 from tgated.cli import main
 from tgated.evaluate import evaluate
 from tgated.io.volumes import read_volume, write_nifti
-from tgated.organs import DATASET_LABELS, ORGAN_NAMES, canonical_to_dataset
+from tgated.organs import (
+    DATASET_LABELS,
+    ORGAN_NAMES,
+    canonical_to_dataset,
+    label_map,
+    labelled_organs,
+    remap_labels,
+)
 
 SHAPE = (23, 19, 9)  # odd sizes, canonical (x, y, z)
 SUMMARY_KEYS = {
@@ -346,6 +353,28 @@ def test_worker_processes_give_the_same_output(tmp_path):
     evaluate(**kw, out=tmp_path / "one", workers=1)
     evaluate(**kw, out=tmp_path / "two", workers=2)
     assert (tmp_path / "one" / "metrics.csv").read_text() == (tmp_path / "two" / "metrics.csv").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("layout", "n_organs"), [("btcv", 12), ("amos", 13)])
+def test_phantom_dataset_end_to_end(tmp_path, layout, n_organs):
+    """Phantom dataset → its labels in canonical ids (organs.py) as predictions → evaluate: all Dice 1."""
+    phantom = pytest.importorskip("tgated.data.phantom")
+    root, pred_dir = tmp_path / layout, tmp_path / "pred"
+    ids = phantom.write_dataset(root, cases=2, seed=3, layout=layout, size=48, quiet=True)
+    label_files = sorted((root / ("label" if layout == "btcv" else "labelsTr")).glob("*.nii.gz"))
+    assert len(label_files) == 2
+    for cid, path in zip(ids, label_files, strict=True):
+        raw = read_volume(path, label=True)  # canonical frame: written back as RAS, unlike the labels
+        canonical = remap_labels(raw.data, label_map(layout), source=str(path))
+        write_nifti(pred_dir / f"{cid}.nii.gz", canonical, raw.affine)
+    summary = evaluate(pred=pred_dir, gt=root, dataset=layout, out=tmp_path / "e", quiet=True)
+    assert summary["cases"] == 2
+    assert list(summary["organs"]) == list(labelled_organs(layout))
+    assert len(summary["organs"]) == n_organs and ("duodenum" in summary["organs"]) == (layout == "amos")
+    for name, entry in summary["organs"].items():
+        assert (entry["dice"], entry["nsd"], entry["hd95"]) == (1.0, 1.0, 0.0), name
+        assert entry["n"] == 2, name
 
 
 # ---------------------------------------------------------------------------------------------
