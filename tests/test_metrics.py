@@ -165,10 +165,11 @@ def test_empty_masks_paper(name):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_monai_on_random_anisotropic_masks(seed):
+def test_matches_monai_on_random_anisotropic_masks(seed, monkeypatch):
     import torch
     from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
+    monkeypatch.setattr(M, "_BLOCK", (4, 7, 32)[seed])
     rng = np.random.default_rng(seed)
     shape = (31, 26, 11)
     spacing = (0.8, 0.8, 3.0)
@@ -217,9 +218,14 @@ def _edt_reference(g: np.ndarray, p: np.ndarray, spacing, tol: float) -> tuple[f
     return float(nsd), float(max(np.percentile(h_pg, 95), np.percentile(h_gp, 95)))
 
 
+@pytest.mark.parametrize("block", [3, 5, 32])
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.5, 1.0, 2.0), (0.8, 0.8, 3.0)])
-def test_matches_a_distance_transform_reference_exactly(spacing):
-    """Ties at the tolerance are frequent with round spacings: the comparison must agree exactly."""
+def test_matches_a_distance_transform_reference_exactly(spacing, block, monkeypatch):
+    """Ties at the tolerance are frequent with round spacings: the comparison must agree exactly.
+
+    Small blocks make surfaces straddle block borders (real volumes use several 32³ blocks).
+    """
+    monkeypatch.setattr(M, "_BLOCK", block)
     rng = np.random.default_rng(7)
     shape = (22, 20, 14)
     g, p = _blob(rng, shape, 0.5), _blob(rng, shape, 0.5)
@@ -230,8 +236,9 @@ def test_matches_a_distance_transform_reference_exactly(spacing):
         assert M.hausdorff_distance(g, p, spacing) == pytest.approx(hd, abs=1e-9)
 
 
-def test_case_scores_crop_exactly_like_whole_volume_metrics(rng):
+def test_case_scores_crop_exactly_like_whole_volume_metrics(rng, monkeypatch):
     """Scoring label maps (cropped per organ) equals the mask functions on the whole volume."""
+    monkeypatch.setattr(M, "_BLOCK", 6)
     shape = (30, 24, 12)
     spacing = (0.7, 0.9, 2.5)
     gt = np.zeros(shape, np.uint8)
