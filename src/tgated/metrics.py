@@ -23,9 +23,8 @@ Distances are exact: each organ is cropped to the bounding box of P∪G and padd
 voxel (what both reference implementations do internally); surface points are extracted only in the
 32³ blocks that hold voxels of P or G (a few stray predicted voxels far away cost little), and
 nearest surface points are found with a k-d tree; the distance itself is computed from the integer
-voxel offsets as
-``sqrt(Σ (Δ_i · spacing_i)²)``, the same expression as scipy's Euclidean distance transform that
-the DeepMind code uses, so comparisons with τ agree with it to the last bit.
+voxel offsets as ``sqrt(Σ (Δ_i · spacing_i)²)``, the same expression as scipy's Euclidean distance
+transform that the DeepMind code uses, so comparisons with τ agree with it to the last bit.
 
 Protocols (how empty masks and cropping are handled)
 ----------------------------------------------------
@@ -572,9 +571,8 @@ def flare22_case_scores(
         if organ.id in FLARE22_Z_CROPPED:
             z_lower, z_upper = g_box[2].start, g_box[2].stop - 1  # first / last labelled index
             if z_upper == z_lower:
-                logger.warning(
-                    "%s lies in a single slice: the FLARE22 script's z-crop leaves nothing to score (NaN)",
-                    organ.name,
+                logger.debug(
+                    "%s lies in a single slice: the FLARE22 z-crop leaves nothing to score", organ.name
                 )
                 out.append(OrganScore(organ.name, NAN, NAN, NAN, n_g, n_p))
                 continue
