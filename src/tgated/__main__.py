@@ -1,5 +1,8 @@
+"""``python -m tgated``: the same program as the ``tgated`` command."""
+
 import sys
 
 from tgated.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""``tgated predict`` and ``tgated.segment``: files in, DESIGN §7 files out.
+
+Output folder contents:
+
+* ``<case>.nii.gz`` — uint8 canonical organ ids, same shape, affine and axis order as the input image
+  (for a DICOM series: the series' grid, written as NIfTI);
+* ``labels.json`` — ``{"0": "background", "1": "liver", ...}`` for the organs predicted;
+* ``provenance.json`` — tool version, model hash and config (incl. preprocessing), and per case: the
+  input file, its SHA-256, modality, organs, output files;
+* ``<case>_probs.npz`` with ``--save-probabilities`` — per-organ float16 probabilities (keys = organ
+  names) in the same layout as the label map.
+
+Every file is written atomically. A case whose output exists and whose provenance records the same
+model and input checksum is skipped unless ``overwrite``; a case predicted by another model is redone.
+Under ``torchrun`` each rank takes every N-th case; ``provenance.json`` is updated under a file lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tgated import __version__
+from tgated.config import to_dict
+from tgated.data.datasets import case_id_from_path
+from tgated.io.files import atomic_path, atomic_write_json, read_json, sha256_file, sha256_path
+from tgated.io.volumes import (
+    IMAGE_SUFFIXES,
+    Volume,
+    has_image_suffix,
+    list_dicom_series,
+    read_volume,
+    volume_from_nifti,
+    write_like,
+)
+from tgated.organs import labels_json, parse_organs
+
+logger = logging.getLogger(__name__)
+
+PROVENANCE = "provenance.json"
+LABELS_JSON = "labels.json"
+
+
+@dataclass(frozen=True)
+class InputCase:
+    case_id: str
+    path: Path
+    """A NIfTI/ITK file or a DICOM series folder."""
+
+
+def model_hash(model_dir: Path) -> str:
+    """Identity of a saved model: SHA-256 of its ``config.json`` (which records the weights' SHA-256)."""
+    return sha256_file(model_dir / "config.json")
+
+
+def _model_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    if not p.exists():
+        raise FileNotFoundError(f"--model {p}: does not exist; expected a run folder or a saved model folder")
+    raise FileNotFoundError(
+        f"--model {p}: no config.json in it or in {p / 'model'}; expected a run folder (tgated train --out) "
+        "or a model folder written by save_pretrained"
+    )
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    return path.is_dir() and bool(list_dicom_series(path))
+
+
+def find_inputs(path: str | os.PathLike) -> list[InputCase]:
+    """A file, a DICOM series folder, or a folder of image files and/or DICOM series sub-folders."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--input {p}: does not exist")
+    if p.is_file():
+        if not has_image_suffix(p):
+            raise ValueError(
+                f"--input {p}: unsupported file type; expected {', '.join(IMAGE_SUFFIXES)} or a DICOM folder"
+            )
+        return [InputCase(case_id_from_path(p), p)]
+    files = sorted(
+        f for f in p.iterdir() if f.is_file() and has_image_suffix(f) and not f.name.startswith(".")
+    )
+    subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not files and _is_dicom_dir(p):
+        return [InputCase(p.name, p)]
+    cases = [InputCase(case_id_from_path(f), f) for f in files]
+    cases += [InputCase(d.name, d) for d in subdirs if _is_dicom_dir(d)]
+    if not cases:
+        raise FileNotFoundError(
+            f"--input {p}: folder holds no images; expected {', '.join(IMAGE_SUFFIXES)} files or DICOM series"
+        )
+    ids = [c.case_id for c in cases]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"--input {p}: several inputs map to the same case id {dupes[:5]}; rename them")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".provenance.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def read_provenance(folder: Path) -> dict[str, Any]:
+    p = folder / PROVENANCE
+    if not p.is_file():
+        return {}
+    try:
+        data = read_json(p)
+    except ValueError:
+        logger.warning("%s is unreadable; cases will be predicted again", p)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record_case(folder: Path, model_info: dict[str, Any], case_id: str, entry: dict[str, Any]) -> None:
+    with _locked(folder):
+        prov = read_provenance(folder)
+        prov.update({"tool": "tgated", "version": __version__, "model": model_info})
+        prov.setdefault("cases", {})[case_id] = entry
+        atomic_write_json(folder / PROVENANCE, prov)
+
+
+def _is_done(folder: Path, case: InputCase, out_file: Path, mhash: str, checksum: str) -> bool:
+    if not out_file.is_file():
+        return False
+    entry = (read_provenance(folder).get("cases") or {}).get(case.case_id) or {}
+    return entry.get("model_hash") == mhash and entry.get("sha256") == checksum
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def write_probabilities(path: Path, prediction, volume: Volume) -> None:
+    """``<case>_probs.npz``: one float16 array per organ (keys = organ names), original layout, + affine."""
+    arrays = {
+        o.name: volume.to_original(prediction.probabilities[i]) for i, o in enumerate(prediction.organs)
+    }
+    arrays["affine"] = volume.original_affine
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def predict(
+    model: str | os.PathLike,
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    organs: str | list[str] | None = None,
+    modality: str = "auto",
+    device: str = "auto",
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    series: str | None = None,
+    batch_size: int = 16,
+    quiet: bool = False,
+) -> list[Path]:
+    """Segment a file, a DICOM series folder or a folder of them; returns the label files written.
+
+    ``output`` is a file name (``.nii.gz``) for a single input, else a folder.
+    """
+    from tqdm.auto import tqdm
+
+    from tgated.inference.predictor import Predictor
+
+    mdir = _model_dir(model)
+    inputs = find_inputs(input)
+    out = Path(output)
+    single_file = out.name.lower().endswith((".nii.gz", ".nii"))
+    if single_file and len(inputs) > 1:
+        raise ValueError(f"--output {out}: a file name, but --input holds {len(inputs)} cases; give a folder")
+    folder = out.parent if single_file else out
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--output {folder}: exists and is not a folder")
+    organ_list = parse_organs(organs) if organs else None
+    rank, world = _dist_info()
+    mine = inputs[rank::world]
+
+    predictor = Predictor.from_path(mdir, device=device, batch_size=batch_size, quiet=quiet)
+    chosen = predictor.organs_for(organ_list)
+    mhash = model_hash(mdir)
+    minfo = {"path": str(mdir.resolve()), "hash": mhash, "config": to_dict(predictor.model.config)}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / LABELS_JSON, labels_json(chosen))
+    written: list[Path] = []
+    for case in tqdm(mine, desc="predict", unit="case", disable=quiet or len(mine) < 2):
+        out_file = out if single_file else folder / f"{case.case_id}.nii.gz"
+        checksum = sha256_path(case.path)
+        if not overwrite and _is_done(folder, case, out_file, mhash, checksum):
+            logger.info("%s: already predicted by this model; skipped (--overwrite redoes it)", case.case_id)
+            written.append(out_file)
+            continue
+        volume = read_volume(case.path, series_uid=series)
+        pred = predictor.predict_volume(volume, chosen, modality, keep_probabilities=save_probabilities)
+        probs_file = None
+        if save_probabilities:
+            probs_file = folder / f"{case.case_id}_probs.npz"
+            write_probabilities(probs_file, pred, volume)
+        write_like(out_file, pred.labels, volume)
+        _record_case(
+            folder,
+            minfo,
+            case.case_id,
+            {
+                "input": str(case.path.resolve()),
+                "sha256": checksum,
+                "model_hash": mhash,
+                "modality": pred.modality,
+                "organs": [o.name for o in chosen],
+                "output": out_file.name,
+                "probabilities": probs_file.name if probs_file else None,
+                "shape": list(volume.original_shape),
+                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        logger.info("%s -> %s (%s)", case.path, out_file, pred.modality.upper())
+        written.append(out_file)
+    return written
+
+
+def segment(
+    image,
+    model,
+    *,
+    organs: str | list[str] | None = None,
+    modality: str = "auto",
+    device: str = "auto",
+    batch_size: int = 16,
+):
+    """Segment one image and return a ``nibabel.Nifti1Image`` (uint8 canonical ids, the input's geometry).
+
+    ``image``: a path (NIfTI, ITK file, DICOM series folder) or a nibabel image. ``model``: a run / model
+    folder or a loaded :class:`~tgated.models.tgated.TGatedModel`.
+    """
+    import nibabel as nib
+
+    from tgated.inference.predictor import Predictor
+    from tgated.io.volumes import nifti_header_for
+
+    if isinstance(model, (str, os.PathLike)):
+        predictor = Predictor.from_path(_model_dir(model), device=device, batch_size=batch_size)
+    else:
+        predictor = Predictor(model, device=device, batch_size=batch_size)
+    if isinstance(image, (str, os.PathLike)):
+        volume = read_volume(image)
+    elif isinstance(image, nib.spatialimages.SpatialImage):
+        volume = volume_from_nifti(image)
+    else:
+        raise ValueError(f"image: expected a path or a nibabel image, got {type(image).__name__}")
+    pred = predictor.predict_volume(volume, parse_organs(organs) if organs else None, modality)
+    data = volume.to_original(pred.labels).astype(np.uint8)
+    return nib.Nifti1Image(data, volume.original_affine, header=nifti_header_for(volume, np.dtype(np.uint8)))
