@@ -27,9 +27,10 @@ PROTOCOLS = ("native", "flare22", "paper")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tgated.experiments import run_demo
+    from tgated.experiments import describe, run_demo
 
-    run_demo(out=args.out, quick=args.quick, quiet=args.quiet, device=args.device)
+    result = run_demo(out=args.out, quick=args.quick, quiet=args.quiet, device=args.device)
+    print(describe(result))
     return 0
 
 

@@ -22,7 +22,7 @@ import datetime as _dt
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,15 @@ def _is_dicom_dir(path: Path) -> bool:
     return path.is_dir() and bool(list_dicom_series(path))
 
 
-def find_inputs(path: str | os.PathLike) -> list[InputCase]:
-    """A file, a DICOM series folder, or a folder of image files and/or DICOM series sub-folders."""
+def find_inputs(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[InputCase]:
+    """A file, a DICOM series folder, a folder of image files and/or DICOM series sub-folders, or a
+    list of any of these."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise ValueError("--input: no inputs given")
+        cases = [c for item in path for c in find_inputs(item)]
+        _check_unique(cases, "the inputs")
+        return sorted(cases, key=lambda c: c.case_id)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--input {p}: does not exist")
@@ -103,11 +110,15 @@ def find_inputs(path: str | os.PathLike) -> list[InputCase]:
         raise FileNotFoundError(
             f"--input {p}: folder holds no images; expected {', '.join(IMAGE_SUFFIXES)} files or DICOM series"
         )
+    _check_unique(cases, str(p))
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _check_unique(cases: list[InputCase], where: str) -> None:
     ids = [c.case_id for c in cases]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
-        raise ValueError(f"--input {p}: several inputs map to the same case id {dupes[:5]}; rename them")
-    return sorted(cases, key=lambda c: c.case_id)
+        raise ValueError(f"--input {where}: several inputs map to the same case id {dupes[:5]}; rename them")
 
 
 @contextlib.contextmanager
@@ -168,7 +179,7 @@ def write_probabilities(path: Path, prediction, volume: Volume) -> None:
 
 def predict(
     model: str | os.PathLike,
-    input: str | os.PathLike,
+    input: str | os.PathLike | Sequence[str | os.PathLike],
     output: str | os.PathLike,
     *,
     organs: str | list[str] | None = None,
@@ -180,7 +191,8 @@ def predict(
     batch_size: int = 16,
     quiet: bool = False,
 ) -> list[Path]:
-    """Segment a file, a DICOM series folder or a folder of them; returns the label files written.
+    """Segment a file, a DICOM series folder, a folder of them (or a list of any of these); returns the
+    label files written.
 
     ``output`` is a file name (``.nii.gz``) for a single input, else a folder.
     """

@@ -2,8 +2,8 @@
 
 ``make_report(["runs/baseline/eval/flare22", "runs/tgated/eval/flare22"], out="report")`` writes:
 
-* ``comparison.md`` / ``comparison.csv`` — per-organ mean Dice (n cases) per evaluation, and the
-  difference last − first when there are two or more;
+* ``comparison.md`` / ``comparison.csv`` — per dataset, per-organ mean Dice (n cases) per evaluation,
+  and the difference last − first when there are two or more;
 * ``nsd.md`` — the same for NSD;
 * ``cross_domain.md`` — in-domain vs zero-shot mean Dice and the relative drop per model;
 * ``dice_by_organ.png``, ``dice_by_case.png``, ``overlay_*.png`` and ``report.html`` tying them together.
@@ -15,6 +15,7 @@ import html
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from tgated import __version__
 from tgated.io.files import atomic_write_text
@@ -55,18 +56,36 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_tables(evals: list[Evaluation], out: Path) -> dict[str, tuple[list[str], list[list[str]]]]:
-    tables = {
-        "dice": organ_table(evals, "dice"),
-        "nsd": organ_table(evals, "nsd"),
-        "cross": cross_domain_table(evals),
-    }
-    atomic_write_text(out / "comparison.md", markdown(*tables["dice"]))
-    atomic_write_text(out / "comparison.csv", csv_text(*tables["dice"]))
-    atomic_write_text(out / "nsd.md", markdown(*tables["nsd"]))
-    if tables["cross"][1]:
-        atomic_write_text(out / "cross_domain.md", markdown(*tables["cross"]))
-    return tables
+def by_dataset(evals: list[Evaluation]) -> dict[str, list[Evaluation]]:
+    """Evaluations grouped by dataset, in input order: tables compare like with like."""
+    groups: dict[str, list[Evaluation]] = {}
+    for e in evals:
+        groups.setdefault(e.dataset, []).append(e)
+    return groups
+
+
+def write_tables(evals: list[Evaluation], out: Path) -> dict[str, Any]:
+    """``comparison.md`` / ``comparison.csv`` / ``nsd.md`` (one table per dataset) and ``cross_domain.md``."""
+    groups = by_dataset(evals)
+    dice = {ds: organ_table(group, "dice") for ds, group in groups.items()}
+    nsd = {ds: organ_table(group, "nsd") for ds, group in groups.items()}
+    cross = cross_domain_table(evals)
+    single = len(groups) == 1
+
+    def md(tables: dict[str, tuple[list[str], list[list[str]]]]) -> str:
+        return "\n".join(
+            markdown(*t) if single else f"### {ds}\n\n{markdown(*t)}" for ds, t in tables.items()
+        )
+
+    atomic_write_text(out / "comparison.md", md(dice))
+    atomic_write_text(out / "nsd.md", md(nsd))
+    csv_parts = []
+    for ds, (head, body) in dice.items():
+        csv_parts.append(csv_text(["dataset", *head], [[ds, *r] for r in body]))
+    atomic_write_text(out / "comparison.csv", "\n".join(csv_parts))
+    if cross[1]:
+        atomic_write_text(out / "cross_domain.md", markdown(*cross))
+    return {"dice": dice, "nsd": nsd, "cross": cross}
 
 
 def make_report(
@@ -107,7 +126,9 @@ def make_report(
             f"<code>{html.escape(str(e.path))}</code></li>"
         )
     parts.append("</ul><h2>Dice per organ</h2>")
-    parts.append(_html_table(*tables["dice"]))
+    for ds, table in tables["dice"].items():
+        parts.append(f"<h3>{html.escape(ds)}</h3>" if len(tables["dice"]) > 1 else "")
+        parts.append(_html_table(*table))
     parts.append(
         "<p>Mean over cases per organ (number of cases in brackets); the mean row is the unweighted "
         "mean over organs. Organs a dataset does not label are left out.</p>"
@@ -115,7 +136,9 @@ def make_report(
     parts.append(f'<img src="{relpath(bars, out_p)}" alt="Dice per organ">')
     parts.append(f'<img src="{relpath(dist, out_p)}" alt="Dice per case">')
     parts.append("<h2>Normalised surface Dice per organ</h2>")
-    parts.append(_html_table(*tables["nsd"]))
+    for ds, table in tables["nsd"].items():
+        parts.append(f"<h3>{html.escape(ds)}</h3>" if len(tables["nsd"]) > 1 else "")
+        parts.append(_html_table(*table))
     if tables["cross"][1]:
         parts.append("<h2>Cross-domain drop</h2>")
         parts.append(_html_table(*tables["cross"]))
