@@ -44,7 +44,7 @@ def _median(ph: Phantom, mask: np.ndarray) -> float:
     """Median intensity inside ``mask`` away from its in-plane border (no partial volume), when it
     has such an interior; else over the whole mask."""
     interior = ndimage.binary_erosion(mask, structure=np.ones((3, 3, 1), bool))
-    return float(np.median(ph.image[interior if interior.sum() >= 20 else mask]))
+    return float(np.median(ph.image[interior if interior.sum() >= 8 else mask]))
 
 
 def _organ(ph: Phantom, name: str) -> float:
@@ -95,8 +95,8 @@ def test_ct_intensities_plausible_and_ordered(ct):
     expected = {
         "liver": (55, 115),
         "spleen": (85, 135),
-        "right_kidney": (110, 215),
-        "left_kidney": (110, 215),
+        "right_kidney": (90, 215),  # cortex 160-200, medulla darker in a corticomedullary phase
+        "left_kidney": (90, 215),
         "aorta": (140, 250),
         "inferior_vena_cava": (110, 220),
         "pancreas": (35, 105),

@@ -251,19 +251,18 @@ class _Ellipsoid(_Shape):
 
     def sdf(self, scene, box, margin):
         X, Y, Z = scene.g.coords(box)
-        d = (X - self.c[0], Y - self.c[1], Z - self.c[2])
-        q = [
-            (self.rot[0, k] * d[0] + self.rot[1, k] * d[1] + self.rot[2, k] * d[2]) / np.float32(self.r[k])
-            for k in range(3)
-        ]
+        # Python floats keep the arithmetic in float32 (NumPy scalars would promote to float64)
+        c, rot, r = self.c.tolist(), (self.rot / self.r[None, :]).tolist(), self.r.tolist()
+        d = (X - c[0], Y - c[1], Z - c[2])
+        q = [rot[0][k] * d[0] + rot[1][k] * d[1] + rot[2][k] * d[2] for k in range(3)]
         rho = np.sqrt(q[0] * q[0] + q[1] * q[1] + q[2] * q[2])
         if self.harm.size:
             inv = 1.0 / np.maximum(rho, 1e-6)
             u0, u1, u2 = q[0] * inv, q[1] * inv, q[2] * inv
             basis = (u0, u1, u2, u0 * u1, u1 * u2, u0 * u2, u0 * u0 - u1 * u1, 3.0 * u2 * u2 - 1.0)
-            mod = 1.0 + sum(np.float32(a) * f for a, f in zip(self.harm, basis, strict=False))
+            mod = 1.0 + sum(a * f for a, f in zip(self.harm.tolist(), basis, strict=False))
             rho = rho / np.maximum(mod, 0.3)
-        return ((rho - 1.0) * np.float32(self.r.min())).astype(np.float32, copy=False)
+        return ((rho - 1.0) * min(r)).astype(np.float32, copy=False)
 
 
 class _Tube(_Shape):
@@ -305,7 +304,7 @@ class _Tube(_Shape):
     def sdf(self, scene, box, margin):
         out = np.full(_box_shape(box), np.inf, dtype=np.float32)
         g = scene.g
-        for a, b, ra, rb in zip(self.p[:-1], self.p[1:], self.r[:-1], self.r[1:], strict=True):
+        for a, b, ra, rb in zip(self.p[:-1], self.p[1:], self.r[:-1].tolist(), self.r[1:].tolist(), strict=True):
             if ra <= 0 and rb <= 0:
                 continue
             reach = max(ra, rb) + margin
@@ -314,12 +313,12 @@ class _Tube(_Shape):
                 continue
             absolute, rel = hit
             X, Y, Z = g.coords(absolute)
-            ab = b - a
-            inv = 1.0 / float(ab @ ab)
-            px, py, pz = X - a[0], Y - a[1], Z - a[2]
-            t = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) * np.float32(inv), 0.0, 1.0)
+            ab = (b - a).tolist()
+            inv = 1.0 / (ab[0] ** 2 + ab[1] ** 2 + ab[2] ** 2)
+            px, py, pz = X - float(a[0]), Y - float(a[1]), Z - float(a[2])
+            t = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) * inv, 0.0, 1.0)
             dx, dy, dz = px - t * ab[0], py - t * ab[1], pz - t * ab[2]
-            d = np.sqrt(dx * dx + dy * dy + dz * dz) - (np.float32(ra) + t * np.float32(rb - ra))
+            d = np.sqrt(dx * dx + dy * dy + dz * dz) - (ra + t * (rb - ra))
             np.minimum(out[rel], d, out=out[rel])
         return out
 
@@ -367,10 +366,9 @@ class _Slab(_Shape):
     def sdf(self, scene, box, margin):
         X, Y, Z = scene.g.coords(box)
         w = np.clip((Z - self.z0) / max(self.z1 - self.z0, 1e-6), 0.0, 1.0)
-        ax = self.a0[0] + w * (self.a1[0] - self.a0[0])
-        ay = self.a0[1] + w * (self.a1[1] - self.a0[1])
-        bx = self.b0[0] + w * (self.b1[0] - self.b0[0])
-        by = self.b0[1] + w * (self.b1[1] - self.b0[1])
+        a0, b0, a1, b1 = (v.tolist() for v in (self.a0, self.b0, self.a1, self.b1))
+        ax, ay = a0[0] + w * (a1[0] - a0[0]), a0[1] + w * (a1[1] - a0[1])
+        bx, by = b0[0] + w * (b1[0] - b0[0]), b0[1] + w * (b1[1] - b0[1])
         ex, ey = bx - ax, by - ay
         px, py = X - ax, Y - ay
         t = np.clip((px * ex + py * ey) / np.maximum(ex * ex + ey * ey, 1e-6), 0.0, 1.0)
@@ -417,32 +415,37 @@ class _Region(_Shape):
 
 
 class _Body:
-    """Skin outline, subcutaneous fat and muscle wall as radial profiles around the body centre.
+    """Skin outline, subcutaneous fat, muscle wall and paraspinal muscles around the cavity.
 
     The cavity (inside the muscle wall) is drawn first; the wall and the fat wrap around it. The
-    back is flat (the patient lies on the table); behind the kidneys the cavity boundary is flat
-    too, the paraspinal muscles filling the space to the skin. ``delta(Z)`` widens or narrows the
-    outline by a few mm along z, anteriorly and laterally only.
+    back is flat (the patient lies on the table); the two paraspinal muscle masses and the
+    posterior arch of the spine between them bulge into the cavity from behind, leaving deep
+    paravertebral gutters for the kidneys. ``delta(Z)`` widens or narrows the outline by a few mm
+    along z, anteriorly and laterally only.
     """
 
     def __init__(self, rng: np.random.Generator) -> None:
         self.cx = rng.uniform(118.0, 142.0)  # cavity half-width
         self.cy_ant = rng.uniform(72.0, 95.0)  # centre -> anterior cavity boundary
-        self.cav_back = rng.uniform(40.0, 55.0)  # centre -> posterior cavity boundary
+        self.cy_post = rng.uniform(72.0, 92.0)  # centre -> posterior wall, lateral to the paraspinals
         self.p_ant = rng.uniform(2.0, 2.4)
-        self.p_post = rng.uniform(2.4, 3.0)
+        self.p_post = rng.uniform(2.5, 3.2)
         self.fat0 = 4.0 + 34.0 * rng.uniform() ** 1.6
         self.fat_harm = rng.normal(0.0, 0.07, 4)
         self.wall_lat = rng.uniform(9.0, 14.0)
-        self.wall_back = rng.uniform(42.0, 56.0)
         self.wall_rect = rng.uniform(9.0, 13.0)
-        self.back_edge = rng.uniform(0.55, 0.7)
+        self.ps_a, self.ps_b = rng.uniform(28.0, 38.0), rng.uniform(21.0, 29.0)  # paraspinal semi-axes
+        self.ps_gap = rng.uniform(3.0, 6.0)
+        self.arch = rng.uniform(12.0, 18.0)  # depth of the laminae and canal in front of the paraspinals
         self.delta_a = rng.uniform(-3.0, 6.0)
         self.delta_b = rng.uniform(0.0, 3.0)
         self.delta_phase = rng.uniform(0.0, 2 * math.pi)
         self.bx = self.cx + self.wall_lat + float(self.fat(np.array(0.0)))
         self.by_ant = self.cy_ant + self.wall_rect + float(self.fat(np.array(math.pi / 2)))
-        self.by_post = self.cav_back + self.wall_back + float(self.fat(np.array(-math.pi / 2)))
+        back_fat = float(self.fat(np.array(-math.pi / 2)))
+        self.by_post = self.cy_post + self.wall_lat + back_fat
+        self.ps_y = -self.by_post + back_fat + self.ps_b * 0.95
+        self.ps_x = self.ps_gap + self.ps_a
 
     def fat(self, th: np.ndarray) -> np.ndarray:
         """Subcutaneous fat thickness (mm) at angle θ (0: patient's right, π/2: anterior)."""
@@ -457,21 +460,28 @@ class _Body:
         p = np.where(s >= 0, self.p_ant, self.p_post)
         return 1.0 / ((c / self.bx) ** p + (np.abs(s) / by) ** p) ** (1.0 / p)
 
+    def paraspinal(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """Signed distance (mm, < 0 inside) to the paraspinal muscles and the spinal arch between them."""
+        u = (np.abs(X) - self.ps_x) / self.ps_a
+        v = (Y - self.ps_y) / self.ps_b
+        d = (np.sqrt(u * u + v * v) - 1.0) * self.ps_b
+        mid = np.maximum(np.abs(X) - 16.0, Y - (self.ps_y + self.ps_b + self.arch))
+        return np.minimum(d, mid)
+
     def profiles(self, X: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(depth below the skin, fat thickness, wall thickness, z-scaling weight) in mm at (X, Y)."""
+        """(depth below the skin, fat thickness, cavity depth, z-scaling weight) in mm at (X, Y)."""
         th = np.arctan2(Y, X)
         r = np.hypot(X, Y)
         depth = self.skin_radius(th) - r
         phi = np.arccos(np.clip(-Y / np.maximum(r, 1e-6), -1.0, 1.0))  # 0 at the back, π at the front
-        flat = self.wall_back / np.cos(np.minimum(phi, 1.2))
-        wall = self.wall_lat + (flat - self.wall_lat) / (1.0 + np.exp((phi - self.back_edge) / 0.09))
-        wall = wall + (self.wall_rect - self.wall_lat) * np.exp(-(((math.pi - phi) / 0.5) ** 2))
+        wall = self.wall_lat + (self.wall_rect - self.wall_lat) * np.exp(-(((math.pi - phi) / 0.5) ** 2))
         wall = wall * (1.0 - 0.85 * np.exp(-((X / 4.0) ** 2)) * (Y > 0))  # linea alba
-        return depth, self.fat(th), wall, 0.5 * (1.0 + np.sin(th))
+        fat = self.fat(th)
+        cavity = np.minimum(depth - fat - wall, self.paraspinal(X, Y))
+        return depth, fat, cavity, 0.5 * (1.0 + np.sin(th))
 
     def cavity_depth(self, X, Y) -> np.ndarray:
-        depth, fat, wall, _ = self.profiles(np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64))
-        return depth - fat - wall
+        return self.profiles(np.asarray(X, dtype=np.float64), np.asarray(Y, dtype=np.float64))[2]
 
     def delta(self, z: np.ndarray) -> np.ndarray:
         return self.delta_a * z / 100.0 + self.delta_b * np.sin(z / 60.0 + self.delta_phase)
@@ -544,10 +554,10 @@ class _Scene:
         self.tissue = np.zeros(grid.shape, dtype=np.uint8)
         self.label = np.zeros(grid.shape, dtype=np.uint8)
         X2, Y2 = np.meshgrid(grid.x.astype(np.float64), grid.y.astype(np.float64), indexing="ij")
-        depth, fat, wall, omega = body.profiles(X2, Y2)
+        depth, fat, cavity, omega = body.profiles(X2, Y2)
         self.depth2 = depth.astype(np.float32)
         self.fat2 = fat.astype(np.float32)
-        self.cav2 = (depth - fat - wall).astype(np.float32)
+        self.cav2 = cavity.astype(np.float32)
         self.omega2 = omega.astype(np.float32)
         self.delta = body.delta(grid.z.astype(np.float64)).astype(np.float32)
         self.zd2 = diaphragm.height(X2, Y2).astype(np.float32)
@@ -769,8 +779,9 @@ def _draw_great_vessels(rng: np.random.Generator, a: SimpleNamespace) -> list[_O
     grow = np.array([0.85, 0.9, 1.0, 1.0, 1.05, 1.1]) * ra
     aorta = _ZTube(
         [a.zb_lo, -60.0, 0.0, hiatus, hiatus + 40.0, a.zb_hi],
-        [ax, ax - 1.0, ax - 2.0, -vb_rx * 0.7, -vb_rx * 0.95, -vb_rx],
-        [yf + ra * 0.85, yf + ra + 1.0, yf + ra + 1.0, yf + ra * 0.7, ys + ra * 0.3, ys + ra * 0.2],
+        [ax, ax - 1.0, ax - 2.0, -vb_rx * 0.7, -(vb_rx * 0.55 + ra * 0.7), -(vb_rx * 0.55 + ra * 0.8)],
+        [yf + ra * 0.85, yf + ra + 1.0, yf + ra + 1.0, yf + ra * 0.7, ys + 0.6 * a.vb_ry + ra * 0.5,
+         ys + 0.6 * a.vb_ry + ra * 0.4],
         grow, grow, a.zb_lo, a.zb_hi,
     )
     a.ivc_x = ivc_x = vb_rx * 0.8 + rng.uniform(4.0, 10.0)
@@ -785,8 +796,16 @@ def _draw_great_vessels(rng: np.random.Generator, a: SimpleNamespace) -> list[_O
         a.zb_lo, ivc_top,
     )
     a.aorta_centre = lambda z: np.array([np.interp(z, aorta.zk, aorta.cx), np.interp(z, aorta.zk, aorta.cy)])
+    # the heart on the central tendon, anterior to the aorta and the oesophagus
+    d = a.dia
+    heart_e = _Ellipsoid([rng.uniform(-35.0, -15.0), a.y_front - rng.uniform(45.0, 60.0), d.zc + rng.uniform(45.0, 60.0)],
+                         [rng.uniform(55.0, 68.0), rng.uniform(42.0, 50.0), 55.0],
+                         _rotation(0.0, 0.25, rng.uniform(-0.6, -0.3)))
+    y_behind = yf + 2 * ra + 14.0
+    heart = _Region(*heart_e.bounds(), lambda s, box, X, Y, Z: _smax(heart_e.sdf(s, box, 0.0), y_behind - Y, 8.0))
     a.ivc_centre = lambda z: np.array([np.interp(z, ivc.zk, ivc.cx), np.interp(z, ivc.zk, ivc.cy)])
-    ops: list[_Op] = []
+    ops: list[_Op] = [lambda s: s.fill(heart, [(6.0, _VFAT, 0), (0.0, _T["myocardium"], 0),
+                                               (-9.0, _T["heart_blood"], 0)], clip=0.0, region="thorax")]
     for side in (1.0, -1.0):  # diaphragmatic crura around the aorta
         crus = _Tube([[side * vb_rx * 0.6, yf + 2.0, -40.0 + a.breath * 0.3],
                       [ax + side * (ra + 6.0), yf + ra * 0.9, 0.0],
@@ -838,7 +857,8 @@ def _draw_liver(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
     xl0, xl_k = rng.uniform(10.0, 30.0), rng.uniform(1.0, 1.4)
     xl_z, xl_ref = rng.uniform(0.9, 1.4), dia.zl - rng.uniform(20.0, 35.0)
     xl_c, depth = rng.uniform(0.3, 0.7), a.depth  # curvature of the medial boundary around the stomach
-    lh, lf, lp = rng.normal(0.0, 5.0, 4), rng.uniform(0.02, 0.05, 4), rng.uniform(0.0, 2 * math.pi, 4)
+    lh, lf, lp = (v.tolist() for v in (rng.normal(0.0, 5.0, 4), rng.uniform(0.02, 0.05, 4),
+                                       rng.uniform(0.0, 2 * math.pi, 4)))
     ivc_x = a.ivc_x
 
     def liver_sdf(s: _Scene, box: Box, X, Y, Z):
@@ -984,7 +1004,7 @@ def _draw_pancreas_duodenum(rng: np.random.Generator, a: SimpleNamespace) -> tup
     duo = _Tube(pts, radii, step=4.0)
     collapse = np.interp(np.linspace(0, 1, len(duo.p)), np.linspace(0, 1, len(pts)), rng.uniform(0.0, 1.0, len(pts)))
     lumen = _Tube(duo.p, np.maximum(duo.r - 2.5 - collapse * 8.0, 0.0), smooth=False)
-    gas = pyl[1] - rng.uniform(0.0, 15.0)
+    gas = max(pyl[1] - rng.uniform(0.0, 8.0), yf + 58.0)  # a little gas in the bulb at most
     duo_ops: list[_Op] = [
         lambda s: s.fill(duo, [(0.0, _T["bowel_wall"], _ID["duodenum"])], clip=2.0),
         lambda s: s.fill(lumen, [(0.0, _T["bowel_fluid"], _ID["duodenum"])], onlylabel=_ID["duodenum"],
@@ -1192,7 +1212,7 @@ def _paint_body(s: _Scene) -> None:
 
 
 def _paint_thorax(s: _Scene) -> None:
-    """Lung bases above the diaphragm, diaphragm muscle, mediastinal fat and the heart."""
+    """Lung bases above the diaphragm, diaphragm muscle and mediastinal fat."""
     g = s.g
     box = g.box([g.x[0], g.y[0], float(s.zd2.min()) - 6.0], [g.x[-1], g.y[-1], g.z[-1]])
     if box is None:
@@ -1205,18 +1225,16 @@ def _paint_thorax(s: _Scene) -> None:
     t[inside & (zd < Z)] = _T["lung"]
     y_back = s.body.cavity_edge_y(0.0, posterior=True)
     t[inside & (zd < Z) & (np.abs(X + 8.0) < 22.0 + 0.12 * (Y - y_back)) & (y_back - 5.0 < Y)] = _VFAT
-    d = s.diaphragm
-    heart = _Ellipsoid([-25.0, s.body.cavity_edge_y(0.0, posterior=False) - 55.0, d.zc + 55.0], [70.0, 52.0, 55.0],
-                       _rotation(0.0, 0.25, -0.5))
-    s.fill(heart, [(6.0, _VFAT, 0), (0.0, _T["myocardium"], 0), (-9.0, _T["heart_blood"], 0)], clip=0.0,
-           region="thorax")
 
 
 def _paint_ribs(s: _Scene, p: dict) -> None:
     """Ribs and costal cartilages in the inner part of the wall, oblique: each rib runs down from
     the back to its lowest point anterolaterally, the cartilages climb to the sternum."""
     g = s.g
-    ii, jj = np.nonzero((s.cav2 > -14.0 - np.abs(s.delta).max()) & (s.cav2 < 4.0 + np.abs(s.delta).max()))
+    reach = float(np.abs(s.delta).max())
+    ring = (s.cav2 > -14.0 - reach) & (s.cav2 < 4.0 + reach)
+    ring &= np.abs(g.x)[:, None] > s.body.ps_x + 0.3 * s.body.ps_a  # not in front of the paraspinals
+    ii, jj = np.nonzero(ring)
     if ii.size == 0:
         return
     X = g.x[ii].astype(np.float64)
@@ -1308,15 +1326,19 @@ def _render(case: _Case, scene: _Scene, modality: str, rng: np.random.Generator,
     else:
         mean = table[:, 3] * rng.uniform(0.9, 1.1, n)
         tex = table[:, 4].copy()
-    spacing = np.array([g.x[1] - g.x[0], g.y[1] - g.y[0], g.z[1] - g.z[0] if len(g.z) > 1 else 1.0], dtype=float)
+    nx, ny, nzf = g.shape
+    dz = float(g.z[n_sub] - g.z[0]) if nzf > n_sub else 1.0
+    spacing = np.array([g.x[1] - g.x[0], g.y[1] - g.y[0], dz], dtype=float)
     t = scene.tissue
     # fine texture (correlation ~2 mm) and coarse lobules (~5 mm): pancreas fat clefts, stool gas,
-    # lung vessels, fat strands
-    white = rng.standard_normal(g.shape, dtype=np.float32)
+    # lung vessels, fat strands; drawn per slice and shared by its sub-slices
+    white = rng.standard_normal((nx, ny, nzf // n_sub), dtype=np.float32)
     fine = ndimage.gaussian_filter(white, np.clip(1.2 / spacing, 0.4, 2.0), mode="nearest")
     fine /= max(float(fine.std()), 1e-6)
     coarse = ndimage.gaussian_filter(white, np.clip(3.5 / spacing, 0.6, 4.0), mode="nearest")
     coarse /= max(float(coarse.std()), 1e-6)
+    if n_sub > 1:
+        fine, coarse = np.repeat(fine, n_sub, axis=2), np.repeat(coarse, n_sub, axis=2)
     lob = rng.uniform(0.9, 1.8)  # fatty lobulation of the pancreas (age)
     t[(t == _T["pancreas"]) & (coarse > lob)] = _T["pancreas_fat"]
     t[(t == _T["stool"]) & (coarse > rng.uniform(0.3, 0.9))] = _T["gas"]
@@ -1325,7 +1347,6 @@ def _render(case: _Case, scene: _Scene, modality: str, rng: np.random.Generator,
     image = mean.astype(np.float32)[t] + tex.astype(np.float32)[t] * fine
     del fine, coarse
     if n_sub > 1:
-        nx, ny, nzf = image.shape
         image = image.reshape(nx, ny, nzf // n_sub, n_sub).mean(axis=3)
     shape = image.shape
     psf = np.array([0.55, 0.55, 0.45 if n_sub == 1 else 0.25])
