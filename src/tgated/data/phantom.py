@@ -15,7 +15,8 @@ Frames and units
   superior; axial slices lie along the last axis, inferior to superior. The 4×4 ``affine`` maps
   voxel indices to RAS world millimetres (the world origin is a random "table position").
 * CT images are Hounsfield units (portal-venous phase); MR images are T1-weighted-like arbitrary
-  units (fat bright, liver > spleen, fluid dark, smooth bias field, Rician noise), roughly 0..1000.
+  units (fat bright, liver > spleen, fluid dark, smooth bias field, Rician noise): integers from 0
+  to about 1300, fat ≈ 800-900.
 
 How it is made
 --------------
@@ -25,8 +26,9 @@ centre-lines with varying radius (vessels, oesophagus, duodenum, bowel, colon, p
 ellipses (aorta, IVC, psoas), and region functions built from the body outline and the diaphragm
 domes (liver, lungs, spleen). Structures are painted in anatomical order into a tissue map and a
 label map; later structures carve earlier ones, with fat planes ("halos") where real organs have
-them. The tissue map becomes intensities through a per-case table (mean ± texture), then partial
-volume (a blur of about one voxel), then noise. Nothing blanks or corrupts slices: single slices are
+them. The tissue map becomes intensities through a per-case table (mean ± texture); thick slices
+(≥ 2.5 mm) are sampled three times across their thickness and averaged (partial volume along z),
+then a blur of about one voxel and noise follow. Nothing blanks or corrupts slices: single slices are
 ambiguous where real CT is (pancreas vs. duodenum vs. unlabelled jejunum of the same attenuation;
 the gallbladder, adrenals, kidney poles and pancreatic tail appear and vanish between slices), so
 neighbouring slices help the way they do in real scans.
@@ -123,7 +125,7 @@ _T = {name: i for i, name in enumerate(TISSUES)}
 _PROTECTED = np.zeros(len(TISSUES), dtype=bool)
 for _name in ("air", "table", "subcutaneous_fat", "cortical_bone", "cancellous_bone", "bone", "disc", "csf"):
     _PROTECTED[_T[_name]] = True
-KEEP = -1
+_KEEP = -1
 """Label value meaning "leave the label as it is" (vessels inside the liver stay liver)."""
 
 
@@ -131,7 +133,7 @@ KEEP = -1
 class Phantom:
     """One synthetic case in the canonical RAS frame.
 
-    ``image`` is float32 ``(x, y, z)`` holding integer values (HU for CT, 0..~1000 for MR), so
+    ``image`` is float32 ``(x, y, z)`` holding integer values (HU for CT, 0..~1300 for MR), so
     writing it as int16 is lossless; ``labels`` are canonical organ ids (uint8); ``affine`` maps
     voxel indices to RAS world mm. ``tissue`` indexes :data:`TISSUES`. ``orientation`` is the axis
     code the case is stored in by :func:`write_dataset`.
@@ -605,7 +607,7 @@ class _Scene:
         """Paint ``layers`` = [(sdf threshold mm, tissue, label), ...] in order (sdf < threshold).
 
         A positive threshold paints a halo (e.g. a fat plane) around the shape, a negative one an
-        inner part (e.g. a lumen inside a wall); ``label`` :data:`KEEP` leaves labels unchanged.
+        inner part (e.g. a lumen inside a wall); ``label`` ``_KEEP`` leaves labels unchanged.
         ``clip``: paint only this deep (mm) inside the cavity (None: anywhere); ``only`` /
         ``onlylabel``: only over these tissues / that label; ``region``: "abdomen" (below the
         diaphragm) or "thorax". ``gas_above``: inside the last layer, voxels with Y above this level
@@ -623,7 +625,7 @@ class _Scene:
         for thr, tissue, label in layers:
             m = (d < thr) & ok
             t[m] = tissue
-            if label != KEEP:
+            if label != _KEEP:
                 lab[m] = label
         if gas_above is not None:
             m = (d < layers[-1][0]) & ok & (self.g.coords(box)[1] > gas_above)
@@ -895,7 +897,7 @@ def _draw_liver(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
                 end = start + 2.0 * step + rng.normal(0.0, 4.0, 3)
                 branches.append(_Tube([start, start + step + rng.normal(0.0, 3.0, 3), end], [2.6, 2.0, 1.0]))
     hepatic = _Union(*branches)
-    ops.append(lambda s: s.fill(hepatic, [(0.0, _T["hepatic_vessel"], KEEP)], onlylabel=_ID["liver"]))
+    ops.append(lambda s: s.fill(hepatic, [(0.0, _T["hepatic_vessel"], _KEEP)], onlylabel=_ID["liver"]))
     return ops
 
 
@@ -1369,17 +1371,19 @@ def _render(case: _Case, scene: _Scene, modality: str, rng: np.random.Generator,
 
 
 def _bias_field(gx: np.ndarray, gy: np.ndarray, gz: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Smooth multiplicative MR bias field (about 0.7..1.3): coil sensitivity and a slow drift."""
+    """Smooth multiplicative MR bias field, about 0.75..1.3 over the body: brighter near the
+    anterior and posterior coils, plus a slow random drift along each axis; 1 at the body centre."""
 
     def smooth1d(c: np.ndarray, scale: float) -> np.ndarray:
         f = np.zeros_like(c, dtype=np.float64)
         for k in range(1, 3):
-            f += rng.normal(0.0, 0.08) * np.cos(k * c / scale + rng.uniform(0, 2 * math.pi))
-        return f
+            f += rng.normal(0.0, 0.05) * (np.cos(k * c / scale + rng.uniform(0, 2 * math.pi)))
+        return f - np.interp(0.0, c, f)
 
     x, y, z = (c.astype(np.float64) for c in (gx, gy, gz))
     bx, by, bz = smooth1d(x, 120.0), smooth1d(y, 100.0), smooth1d(z, 150.0)
-    coil = rng.uniform(0.1, 0.25) * ((y / 130.0) ** 2)[None, :] + rng.uniform(0.0, 0.1) * ((x / 170.0) ** 2)[:, None]
+    coil = rng.uniform(0.08, 0.18) * np.minimum((y / 130.0) ** 2, 1.2)[None, :]
+    coil = coil + rng.uniform(0.0, 0.06) * np.minimum((x / 170.0) ** 2, 1.2)[:, None]
     field2 = np.exp(bx[:, None] + by[None, :] + coil)
     return (field2[:, :, None] * np.exp(bz)[None, None, :]).astype(np.float32)
 
@@ -1521,7 +1525,7 @@ def _dataset_labels(layout: str, phantom: Phantom) -> dict[str, np.ndarray]:
     raise ValueError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
 
 
-def oriented(data: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
+def _oriented(data: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
     """Re-lay a canonical RAS array and its affine out in another orientation (exact flips / permutation)."""
     from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
@@ -1589,10 +1593,10 @@ def write_dataset(
     for i, (cid, image_path, label_paths) in enumerate(tqdm(plan, desc="phantoms", unit="case", disable=quiet)):
         ph = make_phantom(seed, case=i, modality=modality, size=size)
         img = ph.image.astype(np.int16)
-        data, aff = oriented(img, ph.affine, ph.orientation)
+        data, aff = _oriented(img, ph.affine, ph.orientation)
         write_nifti(image_path, data, aff)
         for key, arr in _dataset_labels(layout, ph).items():
-            lab, _ = oriented(arr.astype(np.uint8), ph.affine, ph.orientation)
+            lab, _ = _oriented(arr.astype(np.uint8), ph.affine, ph.orientation)
             write_nifti(label_paths[key], lab, aff)
         written.append(cid)
     if layout == "nnunet":
