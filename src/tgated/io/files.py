@@ -1,20 +1,28 @@
-"""Atomic file writes and checksums: every file the tool writes goes through here.
+"""Atomic file writes, checksums and safe output names: every file the tool writes goes through here.
 
 A writer produces a temporary file in the destination folder and renames it over the target, so a
 killed process leaves either the old file, the new file, or a hidden ``.NAME.tmp-*`` file that
-is never mistaken for output.
+is never mistaken for output (:func:`is_temporary`); a later run that writes ``NAME`` again removes
+such leftovers first (:func:`remove_stale_temporaries`).
+
+Output names built from data (case ids, split entries, file names found in a dataset) go through
+:func:`safe_name` / :func:`safe_join`, so that no value can place a file outside the output folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 TMP_MARK = ".tmp-"
 
@@ -38,12 +46,91 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def is_temporary(path: str | os.PathLike) -> bool:
     """True for a leftover of an interrupted atomic write."""
     name = Path(path).name
     return name.startswith(".") and TMP_MARK in name
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the leftovers (``.NAME.tmp-*``) of interrupted atomic writes of the files ``names``.
+
+    Only the temporaries of the given targets are touched, so a process never removes a file that
+    another process (e.g. another rank writing other cases into the same folder) is writing.
+    Returns the files removed.
+    """
+    p = Path(folder)
+    if not p.is_dir():
+        return []
+    removed = []
+    for name in set(names):
+        for f in p.glob(f".{glob.escape(name)}{TMP_MARK}*"):
+            if f.is_file() and is_temporary(f):
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    if removed:
+        logger.info("%s: removed %d leftover(s) of an interrupted run", p, len(removed))
+    return sorted(removed)
+
+
+def safe_name(name: str, *, what: str = "name", source: str | os.PathLike | None = None) -> str:
+    """Check that ``name`` (from data: a case id, a split entry, a file name) is one plain path
+    component, so that ``folder / name`` stays inside ``folder``.
+
+    Rejected: empty names, ``.`` and ``..``, path separators (``/``, ``\\``), absolute paths, a
+    leading dot (hidden files are ignored as outputs and reserved for temporaries), NUL and other
+    control characters. ``what`` and ``source`` (the file the value came from) go into the error.
+    """
+    where = f"{source}: " if source is not None else ""
+    text = str(name)
+    problem = None
+    if not text:
+        problem = "is empty"
+    elif text in (".", ".."):
+        problem = "is a relative folder reference"
+    elif "/" in text or "\\" in text or os.sep in text or (os.altsep and os.altsep in text):
+        problem = "contains a path separator"
+    elif os.path.isabs(text):
+        problem = "is an absolute path"
+    elif text.startswith("."):
+        problem = "starts with a dot (hidden files are reserved for temporaries)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in text):
+        problem = "contains control characters"
+    if problem:
+        raise ValueError(
+            f"{where}{what} {text!r} {problem}; expected a plain file name such as 'case_001' "
+            "(letters, digits, '_', '-', '.') — rename the file or fix the entry"
+        )
+    return text
+
+
+def safe_join(
+    folder: str | os.PathLike, name: str, *, what: str = "name", source: str | os.PathLike | None = None
+) -> Path:
+    """``folder / name`` for a ``name`` that comes from data, guaranteed to lie inside ``folder``.
+
+    ``name`` must pass :func:`safe_name` (one plain component: no separator, no ``..``), so the
+    result's parent is ``folder`` itself. A symbolic link already at that place is replaced by an
+    atomic write, never followed.
+    """
+    return Path(folder) / safe_name(name, what=what, source=source)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
