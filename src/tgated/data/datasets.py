@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from tgated import organs as O
-from tgated.io.files import atomic_write_json, read_json
+from tgated.io.files import atomic_write_json, read_json, safe_name
 from tgated.io.volumes import Volume, check_same_grid, read_volume, strip_suffix
 
 logger = logging.getLogger(__name__)
@@ -465,6 +465,8 @@ def discover(
         raise FileNotFoundError(
             f"{root_p}: no cases found for the {layout} layout; see `tgated evaluate --help` / README"
         )
+    for c in cases:  # case ids name output files: each must be a plain file name
+        safe_name(c.case_id, what="case id", source=c.image or c.label or root_p)
     ids = [c.case_id for c in cases]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -580,10 +582,16 @@ def read_splits(path: str | os.PathLike, available: Iterable[str] | None = None)
         raise ValueError(
             f"{p}: expected {{'train': [...], 'val': [...], 'test': [...]}}, got keys {list(data)[:5]}"
         )
+    for k, ids in data.items():
+        if not isinstance(ids, list) or not all(isinstance(x, (str, int)) for x in ids):
+            raise ValueError(
+                f"{p}: {k!r} is {type(ids).__name__} {str(ids)[:60]}; expected a list of case ids (strings)"
+            )
     splits = {k: [str(x) for x in data.get(k, [])] for k in SPLIT_NAMES}
     seen: dict[str, str] = {}
     for k, ids in splits.items():
         for cid in ids:
+            safe_name(cid, what=f"{k!r} entry", source=p)  # ids name output files
             if cid in seen:
                 raise ValueError(f"{p}: case {cid!r} is in both {seen[cid]!r} and {k!r}")
             seen[cid] = k
