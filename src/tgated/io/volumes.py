@@ -37,6 +37,17 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LINEAR_ATOL = 1e-4  # mm per voxel (direction × spacing entries)
 TRANSLATION_ATOL = 1e-2  # mm (origin)
 
+# Geometry that still works but deserves a warning (see :func:`geometry_warnings`).
+OBLIQUE_WARN_DEG = 5.0
+"""Voxel axes rotated more than this from the nearest patient axes: an oblique acquisition."""
+ANISOTROPY_WARN_RATIO = 8.0
+"""Slice thickness above this many times the in-plane spacing: extreme anisotropy."""
+THICK_SLICE_WARN_MM = 10.0
+"""Slices thicker than this (mm): adjacent-slice context spans a large distance."""
+DICOM_SPACING_RTOL = 0.01
+"""Relative deviation of DICOM slice steps from their median above which the series is non-uniform."""
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass
 class Volume:
@@ -128,34 +139,44 @@ def canonicalize(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(canon), canon_affine, transform
 
 
+def _check_shape(shape: tuple[int, ...], source: str, kind: str) -> tuple[int, ...]:
+    """The 3-D shape a file's array shape stands for (trailing singleton axes dropped), or an error."""
+    shape = tuple(int(n) for n in shape)
+    if 0 in shape:
+        raise ValueError(f"{source}: {kind} has a zero-length axis {shape}; expected a non-empty 3-D volume")
+    if len(shape) > 3 and all(n == 1 for n in shape[3:]):
+        shape = shape[:3]
+    if len(shape) == 2:
+        raise ValueError(
+            f"{source}: {kind} has 2 dimensions {shape}; expected 3 (x, y, z) — is this a single slice?"
+        )
+    if len(shape) != 3:
+        raise ValueError(
+            f"{source}: {kind} has {len(shape)} dimensions {shape}; expected 3 (x, y, z) — "
+            "split multi-volume (4-D) files into one file per volume"
+        )
+    return shape
+
+
+def _check_dtype(dtype: np.dtype, source: str, kind: str) -> None:
+    if dtype.kind not in "biuf":  # complex, RGB (structured), strings
+        raise ValueError(
+            f"{source}: {kind} has unsupported data type {dtype}; expected one intensity per voxel "
+            "(integers or floats) — convert colour or complex images first"
+        )
+
+
 def _check_array(data: np.ndarray, source: str, *, label: bool) -> np.ndarray:
     kind = "label map" if label else "image"
-    if data.size == 0:
-        raise ValueError(f"{source}: {kind} has a zero-length axis {data.shape}; expected a non-empty 3-D volume")
-    # Squeeze trailing singleton axes (x, y, z, 1): a 4-D file with one volume.
-    if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
+    shape = _check_shape(data.shape, source, kind)
+    if data.ndim > 3:
+        # A 4-D file with one volume (x, y, z, 1): squeezed to 3-D.
         warnings.warn(
             f"{source}: {kind} has shape {data.shape}; squeezing the trailing singleton axes to 3-D",
             stacklevel=3,
         )
-        data = data.reshape(data.shape[:3])
-    if data.ndim == 2:
-        raise ValueError(
-            f"{source}: {kind} has 2 dimensions {data.shape}; expected 3 (x, y, z) — is this a single slice?"
-        )
-    if data.ndim != 3:
-        raise ValueError(
-            f"{source}: {kind} has {data.ndim} dimensions {data.shape}; expected 3 (x, y, z) — "
-            "split multi-volume (4-D) files into one file per volume"
-        )
-    if min(data.shape) == 0:
-        raise ValueError(
-            f"{source}: {kind} has a zero-length axis {data.shape}; expected a non-empty 3-D volume"
-        )
-    if data.dtype.kind == "c" or data.dtype.kind not in "biuf":
-        raise ValueError(
-            f"{source}: {kind} has unsupported data type {data.dtype}; expected integers or floats"
-        )
+        data = data.reshape(shape)
+    _check_dtype(data.dtype, source, kind)
     if data.dtype.kind == "f":
         bad = ~np.isfinite(data)
         n_bad = int(bad.sum())
@@ -192,9 +213,12 @@ def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray, nib.Ni
         ValueError,
     ) as exc:
         raise ValueError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    kind = "label map" if label else "image"
     if 0 in img.shape:
-        kind = "label map" if label else "image"
-        raise ValueError(f"{path}: {kind} has a zero-length axis {img.shape}; expected a non-empty 3-D volume")
+        raise ValueError(
+            f"{path}: {kind} has a zero-length axis {img.shape}; expected a non-empty 3-D volume"
+        )
+    _check_dtype(img.get_data_dtype(), str(path), kind)
     try:
         if label:
             data = np.asanyarray(img.dataobj)
@@ -203,9 +227,12 @@ def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray, nib.Ni
                 data = np.asarray(img.get_fdata(dtype=np.float32))
         else:
             raw = img.dataobj
-            data = np.asarray(raw, dtype=np.float32) if raw.dtype != np.float64 else np.asarray(raw)
-            if data.dtype != np.float32:
-                data = data.astype(np.float32)
+            if raw.dtype.kind == "f" and raw.dtype.itemsize > 4:
+                wide = np.asarray(raw)
+                _check_float32_range(wide, str(path))
+                data = wide.astype(np.float32)
+            else:
+                data = np.asarray(raw, dtype=np.float32)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise ValueError(
             f"{path}: the file is truncated or corrupt ({type(exc).__name__}: {exc}); expected a complete NIfTI "
@@ -213,6 +240,16 @@ def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray, nib.Ni
         ) from None
     header = img.header.copy() if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) else None
     return np.asarray(data), np.asarray(img.affine, dtype=np.float64), header
+
+
+def _check_float32_range(data: np.ndarray, source: str) -> None:
+    """Images are processed as float32: wider floats must fit (NaN/Inf are reported later)."""
+    finite = data[np.isfinite(data)]
+    if finite.size and float(np.abs(finite).max()) > _FLOAT32_MAX:
+        raise ValueError(
+            f"{source}: image holds values up to {float(np.abs(finite).max()):.3g}, beyond float32's "
+            f"{_FLOAT32_MAX:.3g}; expected intensities (HU for CT) — fix the conversion that produced this file"
+        )
 
 
 def _sitk_to_array_affine(image) -> tuple[np.ndarray, np.ndarray]:
@@ -245,11 +282,12 @@ def list_dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
 
 
-def _read_dicom(
-    folder: Path, series_uid: str | None, label: bool
-) -> tuple[np.ndarray, np.ndarray, str | None]:
-    import SimpleITK as sitk
+def choose_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> tuple[str, list[str]]:
+    """(series instance UID, sorted files) of the series to read from a DICOM folder.
 
+    A folder with several series needs ``series_uid`` (``--series``); the error lists them all.
+    """
+    folder = Path(folder)
     series = list_dicom_series(folder)
     if not series:
         raise ValueError(
@@ -263,9 +301,49 @@ def _read_dicom(
             )
         series_uid = next(iter(series))
     elif series_uid not in series:
-        raise ValueError(f"{folder}: no DICOM series {series_uid!r}; series found: {', '.join(series)}")
+        raise ValueError(
+            f"{folder}: no DICOM series {series_uid!r}; series found: {', '.join(series)} — "
+            "pass one of them to --series"
+        )
+    return series_uid, series[series_uid]
+
+
+def _check_dicom_spacing(reader, n_files: int, folder: Path) -> None:
+    """Warn when the slice positions (0020,0032) of a series are not evenly spaced (missing slices)."""
+    try:
+        pos = np.array(
+            [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n_files)]
+        )
+        rows = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]).reshape(2, 3)
+    except (RuntimeError, ValueError):
+        return  # positions or orientation not available: nothing to check
+    if pos.shape != (n_files, 3) or n_files < 3:
+        return
+    normal = np.cross(rows[0], rows[1])
+    steps = np.diff(np.sort(pos @ normal))
+    median = float(np.median(steps))
+    if median <= 0:
+        return
+    worst = float(np.abs(steps - median).max())
+    if worst > DICOM_SPACING_RTOL * median:
+        logger.warning(
+            "%s: DICOM slice positions are not evenly spaced (steps %.3g-%.3g mm, median %.3g mm); the "
+            "volume is read with uniform spacing — missing slices? Check the series is complete",
+            folder,
+            float(steps.min()),
+            float(steps.max()),
+            median,
+        )
+
+
+def _read_dicom(
+    folder: Path, series_uid: str | None, label: bool
+) -> tuple[np.ndarray, np.ndarray, str | None]:
+    import SimpleITK as sitk
+
+    _uid, files = choose_dicom_series(folder, series_uid)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(series[series_uid])
+    reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
         with warnings.catch_warnings():
@@ -275,6 +353,7 @@ def _read_dicom(
         raise ValueError(
             f"{folder}: could not read the DICOM series ({str(exc).strip().splitlines()[-1]})"
         ) from None
+    _check_dicom_spacing(reader, len(files), folder)
     modality = None
     try:
         tag = reader.GetMetaData(0, "0008|0060").strip().lower()
@@ -329,7 +408,66 @@ def read_volume(path: str | os.PathLike, *, label: bool = False, series_uid: str
         )
     data = _check_array(data, str(p), label=label)
     _check_affine(affine, str(p))
-    return volume_from_array(data, affine, source=str(p), modality=modality, header=header)
+    vol = volume_from_array(data, affine, source=str(p), modality=modality, header=header)
+    if not label:
+        for message in geometry_warnings(vol):
+            logger.warning(message)
+    return vol
+
+
+def probe_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> tuple[int, int, int]:
+    """The 3-D shape of an image file or DICOM series from its header(s) only, with the checks that
+    need no voxel data: the file exists and is a readable image, 3-D (or 4-D with one volume), no
+    zero-length axis, and (DICOM) the series choice.
+
+    Cheap enough to run over a whole input folder before any work starts, so that such errors stop
+    a run before anything is written. Truncated data and NaN voxels are found by :func:`read_volume`.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: image does not exist")
+    if p.is_dir():
+        import SimpleITK as sitk
+
+        _uid, files = choose_dicom_series(p, series_uid)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{files[0]}: not a readable DICOM file ({str(exc).strip().splitlines()[-1]})"
+            ) from None
+        size = reader.GetSize()
+        return _check_shape((size[0], size[1], len(files)), str(p), "image")  # type: ignore[return-value]
+    if p.name.lower().endswith(NIFTI_SUFFIXES):
+        try:
+            img = nib.load(str(p))
+            shape, dtype = img.shape, img.get_data_dtype()
+        except (
+            nib.filebasedimages.ImageFileError,
+            EOFError,
+            OSError,
+            zlib.error,
+            gzip.BadGzipFile,
+            ValueError,
+        ) as exc:
+            raise ValueError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+        _check_dtype(dtype, str(p), "image")
+        return _check_shape(shape, str(p), "image")  # type: ignore[return-value]
+    if p.name.lower().endswith(ITK_SUFFIXES):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise ValueError(f"{p}: not a readable image ({str(exc).strip().splitlines()[-1]})") from None
+        return _check_shape(tuple(reader.GetSize()), str(p), "image")  # type: ignore[return-value]
+    raise ValueError(
+        f"{p}: unsupported file type; expected {', '.join(IMAGE_SUFFIXES)} or a DICOM series folder"
+    )
 
 
 def volume_from_array(
@@ -363,7 +501,11 @@ def volume_from_nifti(
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_affine(affine, source)
     header = img.header.copy() if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) else None
-    return volume_from_array(data, affine, source=source, header=header)
+    vol = volume_from_array(data, affine, source=source, header=header)
+    if not label:
+        for message in geometry_warnings(vol):
+            logger.warning(message)
+    return vol
 
 
 def same_grid(a_shape, a_affine, b_shape, b_affine) -> bool:
@@ -415,7 +557,9 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
     """Write a NIfTI file atomically (temporary file + rename)."""
     p = Path(path)
     data = np.asarray(data)
-    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header, dtype=None if header else data.dtype)
+    img = nib.Nifti1Image(
+        data, np.asarray(affine, dtype=np.float64), header=header, dtype=None if header else data.dtype
+    )
     img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
     img.set_sform(affine, code=int(img.header["sform_code"]) or 1)
     suffix = ".nii.gz" if p.name.lower().endswith(".nii.gz") else ".nii"
@@ -433,3 +577,36 @@ def axial_spacing_ratio(vol: Volume) -> float:
     """Slice thickness divided by in-plane spacing (extreme anisotropy check)."""
     sx, sy, sz = vol.spacing
     return sz / min(sx, sy)
+
+
+def obliquity_deg(affine: np.ndarray) -> float:
+    """Largest angle (degrees) between a voxel axis and the patient axis closest to it (0 = not oblique)."""
+    return float(np.degrees(np.max(np.abs(nib.affines.obliquity(np.asarray(affine, dtype=np.float64))))))
+
+
+def geometry_warnings(vol: Volume) -> list[str]:
+    """Geometry an image can be segmented with, but that deserves a warning (one message each).
+
+    * Oblique acquisition (voxel axes rotated more than :data:`OBLIQUE_WARN_DEG` from the patient
+      axes): the volume is used in the closest canonical frame (exact permutation / flips, no
+      resampling), so "axial" slices are tilted by that angle.
+    * Extreme anisotropy (slices thicker than :data:`ANISOTROPY_WARN_RATIO` × the in-plane spacing,
+      or than :data:`THICK_SLICE_WARN_MM`): a window of adjacent slices spans a large distance.
+    """
+    out = []
+    angle = obliquity_deg(vol.affine)
+    if angle > OBLIQUE_WARN_DEG:
+        out.append(
+            f"{vol.source}: oblique acquisition, voxel axes rotated {angle:.1f}° from the patient axes "
+            f"(orientation {''.join(vol.axcodes)}); it is segmented in the closest axial frame, so slices are "
+            f"tilted by {angle:.1f}° — resample to an axial grid first if that matters"
+        )
+    sx, sy, sz = vol.spacing
+    ratio = axial_spacing_ratio(vol)
+    if ratio > ANISOTROPY_WARN_RATIO or sz > THICK_SLICE_WARN_MM:
+        out.append(
+            f"{vol.source}: extreme anisotropy, slice thickness {sz:.3g} mm vs in-plane spacing "
+            f"{sx:.3g} × {sy:.3g} mm (ratio {ratio:.1f}); adjacent-slice context spans "
+            f"{sz:.3g} mm per neighbour — expect lower accuracy than on thin slices"
+        )
+    return out
