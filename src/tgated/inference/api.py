@@ -10,9 +10,17 @@ Output folder contents:
 * ``<case>_probs.npz`` with ``--save-probabilities`` — per-organ float16 probabilities (keys = organ
   names) in the same layout as the label map.
 
-Every file is written atomically. A case whose output exists and whose provenance records the same
-model and input checksum is skipped unless ``overwrite``; a case predicted by another model is redone.
-Under ``torchrun`` each rank takes every N-th case; ``provenance.json`` is updated under a file lock.
+Before any work, every input's header is checked (:func:`tgated.io.volumes.probe_volume`: a readable
+3-D image, the DICOM series choice) and so is the memory a case needs, so that such errors stop the run
+before anything is written.
+
+Every file is written atomically, and leftovers of an interrupted run (``.NAME.tmp-*``) are removed
+when the file is written again. A case is skipped unless ``overwrite`` when its output exists,
+unchanged, and its provenance entry records the same request: model hash, input checksum, organs,
+DICOM series, explicit modality, and (with ``--save-probabilities``) its probabilities file. A case
+predicted by another model, or killed before its provenance entry was written, is redone. Under
+``torchrun`` each rank takes every N-th case; ``provenance.json`` and ``labels.json`` are updated
+under a file lock.
 """
 
 from __future__ import annotations
@@ -32,17 +40,26 @@ import numpy as np
 from tgated import __version__
 from tgated.config import to_dict
 from tgated.data.datasets import case_id_from_path
-from tgated.io.files import atomic_path, atomic_write_json, read_json, sha256_file, sha256_path
+from tgated.io.files import (
+    atomic_path,
+    atomic_write_json,
+    read_json,
+    remove_stale_temporaries,
+    safe_join,
+    sha256_file,
+    sha256_path,
+)
 from tgated.io.volumes import (
     IMAGE_SUFFIXES,
     Volume,
     has_image_suffix,
     list_dicom_series,
+    probe_volume,
     read_volume,
     volume_from_nifti,
     write_like,
 )
-from tgated.organs import labels_json, parse_organs
+from tgated.organs import ORGAN_BY_ID, ORGAN_BY_NAME, labels_json, parse_organs
 
 logger = logging.getLogger(__name__)
 
@@ -146,17 +163,62 @@ def read_provenance(folder: Path) -> dict[str, Any]:
 
 def _record_case(folder: Path, model_info: dict[str, Any], case_id: str, entry: dict[str, Any]) -> None:
     with _locked(folder):
+        remove_stale_temporaries(folder, [PROVENANCE])
         prov = read_provenance(folder)
         prov.update({"tool": "tgated", "version": __version__, "model": model_info})
         prov.setdefault("cases", {})[case_id] = entry
         atomic_write_json(folder / PROVENANCE, prov)
 
 
-def _is_done(folder: Path, case: InputCase, out_file: Path, mhash: str, checksum: str) -> bool:
+def _write_labels_json(folder: Path, organs) -> None:
+    """``labels.json`` for ``organs``, plus the organs of earlier runs' outputs in the same folder."""
+    with _locked(folder):
+        remove_stale_temporaries(folder, [LABELS_JSON])
+        ids = {o.id for o in organs}
+        for entry in (read_provenance(folder).get("cases") or {}).values():
+            names = entry.get("organs") if isinstance(entry, dict) else None
+            ids |= {ORGAN_BY_NAME[n].id for n in names or () if isinstance(n, str) and n in ORGAN_BY_NAME}
+        chosen = [ORGAN_BY_ID[i] for i in sorted(ids)]
+        atomic_write_json(folder / LABELS_JSON, labels_json(chosen))
+
+
+def _is_done(folder: Path, case_id: str, out_file: Path, request: dict[str, Any]) -> bool:
+    """True when ``out_file`` is the unchanged output of the same request (see the module docstring)."""
     if not out_file.is_file():
         return False
-    entry = (read_provenance(folder).get("cases") or {}).get(case.case_id) or {}
-    return entry.get("model_hash") == mhash and entry.get("sha256") == checksum
+    entry = (read_provenance(folder).get("cases") or {}).get(case_id)
+    if not isinstance(entry, dict):
+        return False
+    for key in ("sha256", "model_hash", "organs", "series"):
+        if entry.get(key) != request[key]:
+            return False
+    if request["modality"] in ("ct", "mr") and entry.get("modality") != request["modality"]:
+        return False
+    probs = request["probabilities"]
+    if probs is not None and (entry.get("probabilities") != probs or not (folder / probs).is_file()):
+        return False
+    return entry.get("output_sha256") == sha256_file(out_file)
+
+
+def _series_for(case: InputCase, series: str | None, dicom_cases: list[InputCase]) -> str | None:
+    """The series UID to read for ``case``: ``--series`` where its folder holds that series."""
+    if series is None or not case.path.is_dir():
+        return None
+    holders = [c for c in dicom_cases if series in list_dicom_series(c.path)]
+    if not holders:
+        raise ValueError(
+            f"--series {series}: no input folder holds this DICOM series; series found: "
+            + "; ".join(f"{c.path}: {', '.join(list_dicom_series(c.path))}" for c in dicom_cases)
+        )
+    return series if case in holders else None
+
+
+def _probe_inputs(cases: list[InputCase], series: str | None) -> dict[str, tuple[int, int, int]]:
+    """Case id -> shape from the headers; raises before any work on a header-level problem."""
+    dicom = [c for c in cases if c.path.is_dir()]
+    if series is not None and not dicom:
+        raise ValueError(f"--series {series}: applies to DICOM series folders, but no input is one; drop it")
+    return {c.case_id: probe_volume(c.path, series_uid=_series_for(c, series, dicom)) for c in cases}
 
 
 def _dist_info() -> tuple[int, int]:
@@ -209,29 +271,51 @@ def predict(
     folder = out.parent if single_file else out
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"--output {folder}: exists and is not a folder")
+    if modality not in ("auto", "ct", "mr"):
+        raise ValueError(f"--modality {modality!r}: expected 'auto', 'ct' or 'mr'")
     organ_list = parse_organs(organs) if organs else None
     rank, world = _dist_info()
     mine = inputs[rank::world]
+    dicom = [c for c in inputs if c.path.is_dir()]
+    shapes = _probe_inputs(mine, series)
+    targets = {
+        c.case_id: (
+            out if single_file else safe_join(folder, f"{c.case_id}.nii.gz", what="case id", source=c.path),
+            safe_join(folder, f"{c.case_id}_probs.npz", what="case id", source=c.path),
+        )
+        for c in mine
+    }
 
     predictor = Predictor.from_path(mdir, device=device, batch_size=batch_size, quiet=quiet)
     chosen = predictor.organs_for(organ_list)
+    for c in mine:  # fail before anything is written when a case cannot fit in memory
+        predictor.check_memory(shapes[c.case_id], len(chosen), save_probabilities, source=str(c.path))
     mhash = model_hash(mdir)
     minfo = {"path": str(mdir.resolve()), "hash": mhash, "config": to_dict(predictor.model.config)}
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / LABELS_JSON, labels_json(chosen))
+    remove_stale_temporaries(folder, [p.name for pair in targets.values() for p in pair])
+    _write_labels_json(folder, chosen)
     written: list[Path] = []
     for case in tqdm(mine, desc="predict", unit="case", disable=quiet or len(mine) < 2):
-        out_file = out if single_file else folder / f"{case.case_id}.nii.gz"
-        checksum = sha256_path(case.path)
-        if not overwrite and _is_done(folder, case, out_file, mhash, checksum):
+        out_file, probs_path = targets[case.case_id]
+        uid = _series_for(case, series, dicom)
+        request = {
+            "sha256": sha256_path(case.path),
+            "model_hash": mhash,
+            "organs": [o.name for o in chosen],
+            "series": uid,
+            "modality": modality,
+            "probabilities": probs_path.name if save_probabilities else None,
+        }
+        if not overwrite and _is_done(folder, case.case_id, out_file, request):
             logger.info("%s: already predicted by this model; skipped (--overwrite redoes it)", case.case_id)
             written.append(out_file)
             continue
-        volume = read_volume(case.path, series_uid=series)
+        volume = read_volume(case.path, series_uid=uid)
         pred = predictor.predict_volume(volume, chosen, modality, keep_probabilities=save_probabilities)
         probs_file = None
         if save_probabilities:
-            probs_file = folder / f"{case.case_id}_probs.npz"
+            probs_file = probs_path
             write_probabilities(probs_file, pred, volume)
         write_like(out_file, pred.labels, volume)
         _record_case(
@@ -239,12 +323,12 @@ def predict(
             minfo,
             case.case_id,
             {
+                **request,
                 "input": str(case.path.resolve()),
-                "sha256": checksum,
-                "model_hash": mhash,
                 "modality": pred.modality,
-                "organs": [o.name for o in chosen],
+                "modality_requested": modality,
                 "output": out_file.name,
+                "output_sha256": sha256_file(out_file),
                 "probabilities": probs_file.name if probs_file else None,
                 "shape": list(volume.original_shape),
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

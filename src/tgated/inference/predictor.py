@@ -12,7 +12,10 @@ For one volume in the canonical frame:
 
 Memory is bounded by the volume: slices are processed in chunks (with the neighbours their windows
 need), and probabilities at native resolution exist only for a few slices at a time unless they are
-requested (``keep_probabilities``: O × volume float16).
+requested (``keep_probabilities``: O × volume float16). :meth:`Predictor.memory_estimate` gives the
+peak for a volume; :meth:`Predictor.check_memory` turns an estimate above the available memory into
+an error before any work starts (with the fixes: a smaller ``batch_size``, no probabilities, a
+crop), and running out of memory anyway is reported the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 # the lungs and bowel; MR intensities are non-negative.
 CT_LOW_PERCENTILE = 0.5
 CT_LOW_HU = -200.0
+GB = 1e9
 
 
 @dataclass
@@ -75,12 +79,26 @@ def looks_like(volume: Volume) -> str:
     return "ct" if float(np.percentile(sample, CT_LOW_PERCENTILE)) < CT_LOW_HU else "mr"
 
 
-def resolve_modality(volume: Volume, requested: str | None) -> str:
+def _evidence(stats: str) -> str:
+    return (
+        f"{CT_LOW_PERCENTILE}th percentile below {CT_LOW_HU:.0f}: air in HU"
+        if stats == "ct"
+        else f"{CT_LOW_PERCENTILE}th percentile above {CT_LOW_HU:.0f}: no air in HU"
+    )
+
+
+def resolve_modality(volume: Volume, requested: str | None, model_modality: str | None = None) -> str:
     """The modality used to normalise ``volume``: the request, else the file's tag, else intensities.
 
-    A request that contradicts the intensity statistics (an MR volume sent as CT, or the reverse) is
-    kept, with a warning naming the file.
+    Warnings naming the file (the volume is still segmented):
+
+    * a request that contradicts the intensity statistics (an MR volume sent as CT, or the reverse);
+    * a volume of another modality than the model was trained on (``model_modality``, the saved
+      ``preprocess.modality``): e.g. an MR volume given to a CT-windowed model is a zero-shot
+      cross-modality prediction.
     """
+    if requested not in (None, "auto", "ct", "mr"):
+        raise ValueError(f"unknown modality {requested!r}; expected 'auto', 'ct' or 'mr'")
     stats = looks_like(volume)
     if requested in ("ct", "mr"):
         if requested != stats and volume.modality != requested:
@@ -90,16 +108,90 @@ def resolve_modality(volume: Volume, requested: str | None) -> str:
                 volume.source,
                 requested,
                 stats.upper(),
-                "air near −1000 HU" if stats == "ct" else f"no values below {CT_LOW_HU:.0f}",
+                _evidence(stats),
             )
-        return requested
-    if requested not in (None, "auto"):
-        raise ValueError(f"unknown modality {requested!r}; expected 'auto', 'ct' or 'mr'")
-    if volume.modality in ("ct", "mr"):
-        logger.info("%s: modality %s (from the DICOM Modality tag)", volume.source, volume.modality.upper())
-        return volume.modality
-    logger.info("%s: modality %s (from intensity statistics)", volume.source, stats.upper())
-    return stats
+        mod, why = requested, "--modality"
+    elif volume.modality in ("ct", "mr"):
+        mod, why = volume.modality, "the DICOM Modality tag"
+    else:
+        mod, why = stats, f"intensity statistics, {_evidence(stats)}"
+    logger.info("%s: modality %s (from %s)", volume.source, mod.upper(), why)
+    if model_modality in ("ct", "mr") and mod != model_modality:
+        logger.warning(
+            "%s: the volume is %s (from %s) but the model was trained on %s; this is a zero-shot "
+            "cross-modality prediction — expect lower accuracy, or use a model trained on %s",
+            volume.source,
+            mod.upper(),
+            why,
+            model_modality.upper(),
+            mod.upper(),
+        )
+    return mod
+
+
+def available_memory_gb() -> float | None:
+    """Memory this process can still allocate (GB): the kernel's ``MemAvailable``, capped by a
+    cgroup (container) limit when there is one; ``os.sysconf`` elsewhere; None when unknown."""
+    avail: float | None = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024 / GB
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
+        except (OSError, ValueError, AttributeError):
+            avail = None
+    try:  # cgroup v2
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit.isdigit() and used.isdigit():
+            room = (int(limit) - int(used)) / GB
+            avail = room if avail is None else min(avail, room)
+    except OSError:
+        pass
+    return avail
+
+
+def _device_free_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    try:
+        free, _total = torch.cuda.mem_get_info(device)
+    except RuntimeError:
+        return None
+    return free / GB
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """True for the ways torch and numpy report a failed allocation."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or ("allocate" in text and "memory" in text)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of :meth:`Predictor.predict_volume` for one volume, in GB.
+
+    ``volume_gb``: host arrays that scale with the volume (image, normalised copy, labels, outputs,
+    probabilities); ``work_gb``: model-grid work that scales with ``batch_size`` and
+    ``chunk_slices`` (slice stack, token cache, encoder / adapter / decoder activations), on the
+    model's device. Model weights are not included (they are loaded before any check).
+    """
+
+    volume_gb: float
+    work_gb: float
+    device: str
+
+    @property
+    def host_gb(self) -> float:
+        return self.volume_gb + (self.work_gb if self.device == "cpu" else 0.0)
 
 
 class Predictor:
@@ -117,8 +209,10 @@ class Predictor:
         chunk_slices: int = 64,
         quiet: bool = True,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(batch_size) < 1:
+            raise ValueError(
+                f"--batch-size {batch_size}: expected a positive number of slices per forward pass"
+            )
         self.device = resolve_device(device) if device is not None else model.device
         self.model = model.to(self.device).eval()
         self.batch_size = int(batch_size)
@@ -160,6 +254,79 @@ class Predictor:
             return max(lo, 0), min(hi, z)
         return max(start - k // 2, 0), min(end + k // 2, z)
 
+    def memory_estimate(
+        self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool = False
+    ) -> MemoryEstimate:
+        """Peak memory of :meth:`predict_volume` for a volume of ``volume_shape`` (x, y, z) voxels."""
+        m = self.model
+        vis = m.backbone.config.vision_config
+        s = int(m.config.preprocess.image_size)
+        patch = int(vis.patch_size)
+        tokens = (s // patch) ** 2 + 1
+        width = int(vis.hidden_size)
+        heads = int(vis.num_attention_heads)
+        layers = len(m.token_layers)
+        k = int(m.context)
+        z = int(volume_shape[2]) if len(volume_shape) > 2 else 1
+        images = min(z, self.chunk_slices) + 2 * (k // 2)
+        if m.config.context_mode == "physical" and k > 1:
+            images *= 2  # interpolated neighbours: up to two source slices each
+        b = min(self.batch_size, images)
+        reduce = int(m.backbone.config.reduce_dim)
+        slice_px = s * s
+        work = (
+            images * slice_px * 4  # the chunk's slices on the model grid
+            + images * layers * tokens * width * 4  # token cache
+            + b * (3 * slice_px * 4 + tokens * width * 4 * 8 + heads * tokens * tokens * 4 * 2)  # encoder
+            + b * k * layers * tokens * width * 4 * 2  # window tokens gathered for the adapter
+            + b
+            * n_organs
+            * (reduce * tokens * 4 * 6 + (reduce // 2) * (s // 4) ** 2 * 4 * 2 + slice_px * 4 * 4)
+        )
+        x, y = int(volume_shape[0]), int(volume_shape[1])
+        group = max(1, min(self.batch_size, int(64e6 // max(1, n_organs * x * y))))
+        work += group * n_organs * x * y * 4 * 3  # native-resolution probabilities of a few slices
+        return MemoryEstimate(
+            estimate_memory_gb(volume_shape, n_organs, keep_probabilities), work / GB, self.device.type
+        )
+
+    def check_memory(
+        self,
+        volume_shape: tuple[int, ...],
+        n_organs: int,
+        keep_probabilities: bool = False,
+        *,
+        source: str = "volume",
+        loaded_gb: float = 0.0,
+        available_gb: float | None = None,
+    ) -> MemoryEstimate:
+        """Raise a ``ValueError`` (estimate, available memory, fixes) when :meth:`predict_volume`
+        would not fit.
+
+        ``loaded_gb``: part of the estimate already allocated (the image read from disk);
+        ``available_gb``: host memory available (default: :func:`available_memory_gb`; unknown
+        means no check). On CUDA, the model-grid work is compared with the device's free memory.
+        """
+        est = self.memory_estimate(volume_shape, n_organs, keep_probabilities)
+        fixes = "a smaller --batch-size" + (", no --save-probabilities" if keep_probabilities else "")
+        fixes += ", or crop the volume"
+        host = available_memory_gb() if available_gb is None else available_gb
+        need = est.host_gb - loaded_gb
+        if host is not None and need > host:
+            raise ValueError(
+                f"{source}: segmenting {tuple(int(v) for v in volume_shape)} voxels × {n_organs} organs needs about "
+                f"{need:.1f} GB of memory ({est.volume_gb:.1f} GB for the volume and its outputs, "
+                f"{est.work_gb:.1f} GB for batches of {self.batch_size} slices on {est.device}), but only "
+                f"{host:.1f} GB is available; use {fixes}"
+            )
+        free = _device_free_gb(self.device)
+        if free is not None and est.work_gb > free:
+            raise ValueError(
+                f"{source}: batches of {self.batch_size} slices × {n_organs} organs need about "
+                f"{est.work_gb:.1f} GB on {self.device}, but only {free:.1f} GB is free; use a smaller --batch-size"
+            )
+        return est
+
     def _autocast(self):
         if self.device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -175,11 +342,40 @@ class Predictor:
         *,
         keep_probabilities: bool = False,
     ) -> Prediction:
-        """Segment one canonical volume; returns labels on its own grid (canonical frame)."""
+        """Segment one canonical volume; returns labels on its own grid (canonical frame).
+
+        Fails early with a ``ValueError`` when the volume would not fit in memory
+        (:meth:`check_memory`), and the same way when memory runs out anyway.
+        """
+        organ_list = self.organs_for(organs)
+        self.check_memory(
+            volume.shape,
+            len(organ_list),
+            keep_probabilities,
+            source=volume.source,
+            loaded_gb=volume.data.nbytes / GB,
+        )
+        pre = self.model.config.preprocess
+        mod = resolve_modality(volume, modality, pre.modality)
+        try:
+            return self._predict(volume, organ_list, mod, keep_probabilities)
+        except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            est = self.memory_estimate(volume.shape, len(organ_list), keep_probabilities)
+            where = "GPU" if isinstance(exc, torch.cuda.OutOfMemoryError) else "host"
+            raise ValueError(
+                f"{volume.source}: ran out of {where} memory on {self.device} with batches of {self.batch_size} "
+                f"slices × {len(organ_list)} organs (estimated {est.volume_gb:.1f} GB for the volume, "
+                f"{est.work_gb:.1f} GB for the batches); use a smaller --batch-size"
+                + (" and no --save-probabilities" if keep_probabilities else "")
+            ) from None
+
+    def _predict(
+        self, volume: Volume, organ_list: tuple[Organ, ...], mod: str, keep_probabilities: bool
+    ) -> Prediction:
         from tqdm.auto import tqdm
 
-        organ_list = self.organs_for(organs)
-        mod = resolve_modality(volume, modality)
         pre = self.model.config.preprocess
         size = int(pre.image_size)
         norm = normalise_intensity(volume.data, mod, pre)
@@ -226,18 +422,26 @@ class Predictor:
 
 
 def estimate_memory_gb(volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool) -> float:
-    """Rough host memory of :meth:`Predictor.predict_volume` for a volume (GB)."""
-    voxels = math.prod(volume_shape)
-    per_voxel = 4 + 4 + 1 + 1  # image float32, normalised float32, labels, output
+    """Host memory (GB) of the arrays of :meth:`Predictor.predict_volume` that scale with the volume.
+
+    Per voxel: the image (float32), its normalised copy and the slice view (float32 each), the
+    label map, its canonical and original-layout copies (uint8 each); with probabilities, O float16
+    values three times (canonical, back in slice order, original layout when written). The
+    batch-dependent model-grid work is in :meth:`Predictor.memory_estimate`.
+    """
+    voxels = math.prod(int(v) for v in volume_shape)
+    per_voxel = 4 * 3 + 1 * 3
     if keep_probabilities:
-        per_voxel += 2 * n_organs
-    return voxels * per_voxel / 1e9
+        per_voxel += 2 * n_organs * 3
+    return voxels * per_voxel / GB
 
 
 __all__ = [
     "ORGANS",
+    "MemoryEstimate",
     "Prediction",
     "Predictor",
+    "available_memory_gb",
     "estimate_memory_gb",
     "looks_like",
     "resolve_device",
