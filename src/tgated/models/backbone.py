@@ -248,6 +248,36 @@ def build_clipseg(config: Any, *, meta: bool = False, seed: int = 0, init: bool 
         return model
 
 
+CODE_KEYS = ("auto_map",)
+"""Keys of a checkpoint's JSON files that ask transformers to import Python code from the folder."""
+
+
+def check_no_custom_code(
+    folder: str | Path, names: Iterable[str] = ("config.json", "tokenizer_config.json")
+) -> None:
+    """Refuse a checkpoint folder whose JSON files declare custom code (``auto_map``).
+
+    tgated loads every checkpoint with ``trust_remote_code=False`` (and the concrete CLIPSeg classes,
+    which never import code from a folder); this check turns transformers' refusal into an error
+    that names the file. Python files in the folder are never imported.
+    """
+    for name in names:
+        f = Path(folder) / name
+        if not f.is_file():
+            continue
+        try:
+            meta = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{f}: not valid JSON ({exc})") from None
+        found = [k for k in CODE_KEYS if isinstance(meta, dict) and k in meta]
+        if found:
+            raise ValueError(
+                f"{f}: declares custom code ({found[0]}: {json.dumps(meta[found[0]])[:120]}); tgated never runs "
+                "code from a model folder (trust_remote_code=False) — use a standard CLIPSeg checkpoint or "
+                "re-save the model"
+            )
+
+
 def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
 
@@ -273,6 +303,7 @@ def _check_checkpoint_dir(path: Path) -> None:
         raise ValueError(
             f"{cfg}: model_type is {model_type!r}; expected 'clipseg' (a CLIPSegForImageSegmentation checkpoint)"
         )
+    check_no_custom_code(path)
 
 
 def random_backbone(
@@ -330,14 +361,24 @@ def load_backbone(
     else:
         source = bb.source
     try:
+        # Safe loading: concrete classes (never code from the checkpoint), trust_remote_code=False
+        # for the tokenizer's Auto class, and transformers' torch.load (a .bin file) with weights_only.
         if meta:
-            config = CLIPSegConfig.from_pretrained(source, local_files_only=local_files_only)
+            config = CLIPSegConfig.from_pretrained(
+                source, local_files_only=local_files_only, trust_remote_code=False
+            )
             model = build_clipseg(config, meta=True)
             return Backbone(model, None, f"architecture from {source} (weights not loaded)")
         model = CLIPSegForImageSegmentation.from_pretrained(
-            source, local_files_only=local_files_only, dtype=torch.float32
+            source,
+            local_files_only=local_files_only,
+            dtype=torch.float32,
+            trust_remote_code=False,
+            weights_only=True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=local_files_only, trust_remote_code=False
+        )
     except OSError as exc:
         if not fallback_to_random:
             raise OSError(

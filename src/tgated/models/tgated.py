@@ -50,9 +50,9 @@ from torch import nn
 
 from tgated.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
 from tgated.data.slices import clip_normalise, context_indices, gather_windows, physical_context
-from tgated.io.files import atomic_path, atomic_write_json, sha256_file
+from tgated.io.files import atomic_path, atomic_write_json, safe_join, sha256_file
 from tgated.models.adapter import COMPONENTS, TGatedAdapter
-from tgated.models.backbone import build_clipseg, load_backbone, seeded, skip_init
+from tgated.models.backbone import build_clipseg, check_no_custom_code, load_backbone, seeded, skip_init
 from tgated.organs import NUM_ORGANS, ORGANS, Organ, get_organ, parse_organs
 
 logger = logging.getLogger(__name__)
@@ -771,7 +771,10 @@ class TGatedModel(nn.Module):
             model_cfg = from_dict(ModelConfig, meta["model"])
         except ConfigError as exc:
             raise ValueError(f"{cfg_path}: {exc}") from None
-        weights = root / str(meta.get("weights", WEIGHTS_NAME))
+        # File names inside config.json are data: each must be a plain name inside the model folder.
+        weights = safe_join(
+            root, str(meta.get("weights", WEIGHTS_NAME)), what="weights file", source=cfg_path
+        )
         if not weights.is_file():
             raise ValueError(
                 f"{weights} is missing; the saved model is incomplete — re-save it with save_pretrained"
@@ -789,10 +792,13 @@ class TGatedModel(nn.Module):
         clip_cfg = CLIPSegConfig.from_dict(meta["clipseg"])
         tokenizer = None
         if meta.get("tokenizer"):
-            tok_dir = root / str(meta["tokenizer"])
+            tok_dir = safe_join(root, str(meta["tokenizer"]), what="tokenizer folder", source=cfg_path)
             if not tok_dir.is_dir():
                 raise ValueError(f"{tok_dir} is missing; the saved model is incomplete — re-save it")
-            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+            check_no_custom_code(tok_dir)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(tok_dir), local_files_only=True, trust_remote_code=False
+            )
         with skip_init():
             model = cls(model_cfg, build_clipseg(clip_cfg, init=False), tokenizer, note=f"loaded from {root}")
         try:
