@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from tgated import __version__
 from tgated.data.datasets import Case, case_id_from_path, check_layout, ground_truth_cases, load_label
-from tgated.io.files import atomic_write_json, atomic_write_text, is_temporary, read_json
+from tgated.io.files import atomic_write_json, atomic_write_text, is_temporary, read_json, sha256_file
 from tgated.io.volumes import NIFTI_SUFFIXES, Volume, check_same_grid, read_volume
 from tgated.metrics import (
     CSV_COLUMNS,
@@ -169,6 +169,51 @@ def _model_info(pred_dir: Path) -> dict[str, Any] | None:
     if "hash" not in info and isinstance(prov.get("model_hash"), str):
         info["hash"] = prov["model_hash"]
     return info or None
+
+
+def check_provenance(pred_dir: Path, predictions: dict[str, Path]) -> list[str]:
+    """Warnings about the prediction folder's ``provenance.json`` (written by ``tgated predict``), logged
+    and returned: predictions of several models mixed in one folder, predictions it does not record
+    (another tool, or a run killed between writing and recording), and predictions changed since.
+    A folder without ``provenance.json`` gets no warning; scores never depend on it.
+    """
+    path = pred_dir / PROVENANCE_JSON
+    if not path.is_file():
+        return []
+    try:
+        prov = read_json(path)
+    except (OSError, ValueError):
+        return []  # reported by _model_info
+    cases = prov.get("cases") if isinstance(prov, dict) else None
+    if not isinstance(cases, dict):
+        return []
+    out = []
+    entries = {cid: cases.get(cid) for cid in predictions}
+    missing = sorted(cid for cid, e in entries.items() if not isinstance(e, dict))
+    if missing:
+        out.append(
+            f"{path}: does not record {len(missing)} prediction(s) ({_listing(missing)}); they were written by "
+            "another tool or by an interrupted run — re-run tgated predict on that folder to be sure"
+        )
+    recorded = {cid: e for cid, e in entries.items() if isinstance(e, dict)}
+    models = sorted({str(e.get("model_hash")) for e in recorded.values()})
+    if len(models) > 1:
+        out.append(
+            f"{path}: the predictions come from {len(models)} different models "
+            f"({', '.join(m[:12] for m in models)}); scores mix them — predict again with one model"
+        )
+    changed = sorted(
+        cid
+        for cid, e in recorded.items()
+        if isinstance(e.get("output_sha256"), str) and e["output_sha256"] != sha256_file(predictions[cid])
+    )
+    if changed:
+        out.append(
+            f"{path}: {len(changed)} prediction(s) changed after tgated predict wrote them ({_listing(changed)})"
+        )
+    for message in out:
+        logger.warning(message)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +349,7 @@ def evaluate(
     matched = [c for c in cases if c.case_id in predictions]
     if not matched:
         raise ValueError(f"{Path(pred)}: no prediction matches a ground-truth case of {Path(gt)}")
+    check_provenance(Path(pred), predictions)
     unpredicted = [c.case_id for c in cases if c.case_id not in predictions]
     if unpredicted:
         logger.warning(

@@ -187,3 +187,25 @@ def test_unreadable_provenance_redoes_cases_with_a_warning(done, models, caplog)
     predict(models[0], inp, out, quiet=True)
     assert _redone(out, mtime) and "provenance.json is unreadable" in caplog.text
     assert set(_recorded(out)) == {"case0", "case1"}
+
+
+def test_evaluate_warns_about_mixed_unrecorded_or_changed_predictions(done, models, caplog):
+    from tgated.evaluate import check_provenance, prediction_files
+
+    inp, out, _ = done
+    preds = prediction_files(out)
+    assert check_provenance(out, preds) == []
+    predict(models[1], inp / "case0.nii.gz", out / "case0.nii.gz", quiet=True)  # one case, another model
+    prov = json.loads((out / "provenance.json").read_text())
+    first_model = prov["cases"].pop("case1")  # as if killed between writing and recording case1
+    (out / "extra.nii.gz").write_bytes((out / "case1.nii.gz").read_bytes())
+    prov["cases"]["extra"] = {**first_model, "output_sha256": "0" * 64}
+    (out / "provenance.json").write_text(json.dumps(prov))
+    warnings = check_provenance(out, prediction_files(out))
+    assert len(warnings) == 3
+    assert (
+        "does not record 1 prediction(s) (case1); they were written by another tool or by an interrupted run"
+        in warnings[0]
+    )
+    assert "the predictions come from 2 different models" in warnings[1]
+    assert "1 prediction(s) changed after tgated predict wrote them (extra)" in warnings[2]
