@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 CT_LOW_PERCENTILE = 0.5
 CT_LOW_HU = -200.0
 GB = 1e9
+RUNTIME_OVERHEAD_GB = 0.15
+"""Allocator caches, thread pools and the prompts' text-tower pass, measured on CPU (about 0.1-0.2 GB)."""
 
 
 @dataclass
@@ -273,21 +275,28 @@ class Predictor:
             images *= 2  # interpolated neighbours: up to two source slices each
         b = min(self.batch_size, images)
         reduce = int(m.backbone.config.reduce_dim)
+        adapter = int(m.config.adapter_config.dim) if len(m.adapters) else 0
         slice_px = s * s
+        per_slice = (  # activations per slice of a batch (float32)
+            3 * slice_px * 4
+            + tokens * width * 4 * 8
+            + heads * tokens * tokens * 4 * 2  # encoder
+            + k * layers * tokens * width * 4 * 2  # window tokens gathered for the adapter
+            + len(m.adapters) * tokens * (k * adapter * 4 * 12 + width * 4 * 8)  # temporal + spatial blocks
+            + n_organs * (reduce * tokens * 4 * 6 + (reduce // 2) * (s // 4) ** 2 * 4 * 2 + slice_px * 4 * 4)
+        )
         work = (
             images * slice_px * 4  # the chunk's slices on the model grid
             + images * layers * tokens * width * 4  # token cache
-            + b * (3 * slice_px * 4 + tokens * width * 4 * 8 + heads * tokens * tokens * 4 * 2)  # encoder
-            + b * k * layers * tokens * width * 4 * 2  # window tokens gathered for the adapter
-            + b
-            * n_organs
-            * (reduce * tokens * 4 * 6 + (reduce // 2) * (s // 4) ** 2 * 4 * 2 + slice_px * 4 * 4)
+            + b * per_slice
         )
         x, y = int(volume_shape[0]), int(volume_shape[1])
         group = max(1, min(self.batch_size, int(64e6 // max(1, n_organs * x * y))))
         work += group * n_organs * x * y * 4 * 3  # native-resolution probabilities of a few slices
         return MemoryEstimate(
-            estimate_memory_gb(volume_shape, n_organs, keep_probabilities), work / GB, self.device.type
+            estimate_memory_gb(volume_shape, n_organs, keep_probabilities),
+            work / GB + RUNTIME_OVERHEAD_GB,
+            self.device.type,
         )
 
     def check_memory(
