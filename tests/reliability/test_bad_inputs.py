@@ -386,3 +386,18 @@ def test_split_of_the_wrong_type(tmp_path):
     p.write_text(json.dumps({"train": "case1,case2"}))
     with pytest.raises(ValueError, match=r"'train' is str case1,case2; expected a list of case ids"):
         read_splits(p)
+
+
+def test_available_memory_respects_a_container_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:    8000000 kB\n")
+    assert P.available_memory_gb(meminfo, tmp_path / "no_cgroup") == pytest.approx(8.192)
+    cg = tmp_path / "cgroup"
+    cg.mkdir()
+    (cg / "memory.max").write_text("4000000000\n")
+    (cg / "memory.current").write_text("3500000000\n")
+    (cg / "memory.stat").write_text("anon 2400000000\nfile 1000000000\n")
+    # 4.0 GB limit − 3.5 GB used + 1.0 GB reclaimable page cache
+    assert P.available_memory_gb(meminfo, cg) == pytest.approx(1.5)
+    (cg / "memory.max").write_text("max\n")  # no limit
+    assert P.available_memory_gb(meminfo, cg) == pytest.approx(8.192)

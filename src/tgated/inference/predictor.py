@@ -131,12 +131,15 @@ def resolve_modality(volume: Volume, requested: str | None, model_modality: str 
     return mod
 
 
-def available_memory_gb() -> float | None:
+def available_memory_gb(
+    meminfo: str | os.PathLike = "/proc/meminfo", cgroup: str | os.PathLike = "/sys/fs/cgroup"
+) -> float | None:
     """Memory this process can still allocate (GB): the kernel's ``MemAvailable``, capped by a
-    cgroup (container) limit when there is one; ``os.sysconf`` elsewhere; None when unknown."""
+    cgroup v2 (container) limit when there is one (limit − usage + reclaimable page cache);
+    ``os.sysconf`` where there is no ``/proc``; None when unknown."""
     avail: float | None = None
     try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
+        with open(meminfo, encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
                     avail = int(line.split()[1]) * 1024 / GB
@@ -148,13 +151,18 @@ def available_memory_gb() -> float | None:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB
         except (OSError, ValueError, AttributeError):
             avail = None
-    try:  # cgroup v2
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+    try:  # cgroup v2 limit; the page cache ("file") counts as used there but can be reclaimed
+        cg = Path(cgroup)
+        limit = (cg / "memory.max").read_text().strip()
+        used = (cg / "memory.current").read_text().strip()
         if limit.isdigit() and used.isdigit():
-            room = (int(limit) - int(used)) / GB
+            stat = dict(
+                line.split()[:2] for line in (cg / "memory.stat").read_text().splitlines() if " " in line
+            )
+            cache = int(stat.get("file", 0)) if str(stat.get("file", "0")).isdigit() else 0
+            room = (int(limit) - int(used) + cache) / GB
             avail = room if avail is None else min(avail, room)
-    except OSError:
+    except (OSError, ValueError):
         pass
     return avail
 
