@@ -3,6 +3,7 @@ missing slices, header probing. Series are written with SimpleITK into tmp_path.
 
 from __future__ import annotations
 
+import locale
 import logging
 from pathlib import Path
 
@@ -33,7 +34,19 @@ def write_series(
     prefix: str = "",
     skip: tuple[int, ...] = (),
 ) -> sitk.Image:
-    """Write ``array`` (z, y, x as SimpleITK orders it) as one file per slice; returns the 3-D image."""
+    """Write ``array`` (z, y, x as SimpleITK orders it) as one file per slice; returns the 3-D image.
+
+    GDCM's writer switches the process locale to "C" (which would make later ``read_text()`` calls
+    decode ASCII): the locale is restored afterwards.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_series(folder, array, uid, direction, spacing, origin, modality, prefix, skip)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(folder, array, uid, direction, spacing, origin, modality, prefix, skip) -> sitk.Image:
     image = sitk.GetImageFromArray(array.astype(np.int16))
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
