@@ -3,6 +3,7 @@ missing slices, header probing. Series are written with SimpleITK into tmp_path.
 
 from __future__ import annotations
 
+import json
 import locale
 import logging
 from pathlib import Path
@@ -171,3 +172,21 @@ def test_predict_series_flag(two_series, tmp_path, model_dir, capsys):
     argv = ["predict", "--model", str(model_dir), "--input", str(nifti), "--output", str(tmp_path / "c")]
     assert main([*argv, "--series", UID_A, "--quiet"]) == 1
     assert "applies to DICOM series folders, but no input is one" in capsys.readouterr().err
+
+
+def test_series_flag_applies_to_the_folder_that_holds_it(two_series, tmp_path, model_dir, monkeypatch):
+    """Several DICOM folders: --series picks in the folder holding it; the others are read as they are,
+    also on a torchrun rank whose share of the cases does not include that folder."""
+    study = tmp_path / "all"
+    study.mkdir()
+    two_series.rename(study / "s1")
+    write_series(study / "s2", _ramp(), "1.2.826.0.1.3680043.2.1125.303")
+    argv = ["predict", "--model", str(model_dir), "--input", str(study), "--series", UID_B, "--quiet"]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*argv, "--output", str(tmp_path / "rank1")]) == 0
+    assert sorted(p.name for p in (tmp_path / "rank1").glob("*.nii.gz")) == ["s2.nii.gz"]
+    monkeypatch.setenv("RANK", "0")
+    assert main([*argv, "--output", str(tmp_path / "rank1")]) == 0
+    prov = json.loads((tmp_path / "rank1" / "provenance.json").read_text())["cases"]
+    assert (prov["s1"]["series"], prov["s2"]["series"]) == (UID_B, None)

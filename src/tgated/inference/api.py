@@ -213,9 +213,11 @@ def _series_for(case: InputCase, series: str | None, dicom_cases: list[InputCase
     return series if case in holders else None
 
 
-def _probe_inputs(cases: list[InputCase], series: str | None) -> dict[str, tuple[int, int, int]]:
-    """Case id -> shape from the headers; raises before any work on a header-level problem."""
-    dicom = [c for c in cases if c.path.is_dir()]
+def _probe_inputs(
+    cases: list[InputCase], series: str | None, dicom: list[InputCase]
+) -> dict[str, tuple[int, int, int]]:
+    """Case id -> shape from the headers of ``cases`` (``dicom``: every DICOM input of the run, for
+    ``--series``); raises before any work on a header-level problem."""
     if series is not None and not dicom:
         raise ValueError(f"--series {series}: applies to DICOM series folders, but no input is one; drop it")
     return {c.case_id: probe_volume(c.path, series_uid=_series_for(c, series, dicom)) for c in cases}
@@ -277,7 +279,7 @@ def predict(
     rank, world = _dist_info()
     mine = inputs[rank::world]
     dicom = [c for c in inputs if c.path.is_dir()]
-    shapes = _probe_inputs(mine, series)
+    shapes = _probe_inputs(mine, series, dicom)
     targets = {
         c.case_id: (
             out if single_file else safe_join(folder, f"{c.case_id}.nii.gz", what="case id", source=c.path),
