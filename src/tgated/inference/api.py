@@ -258,7 +258,10 @@ def predict(
     """Segment a file, a DICOM series folder, a folder of them (or a list of any of these); returns the
     label files written.
 
-    ``output`` is a file name (``.nii.gz``) for a single input, else a folder.
+    ``output`` is a file name (``.nii.gz``) for a single input, else a folder. Problems that the
+    inputs' headers show (not an image, not 3-D, DICOM series choice, ``series`` held by no input) and
+    cases too large for the available memory raise before anything is written; a file found corrupt
+    while reading stops the run with the cases before it complete and recorded (a re-run resumes).
     """
     from tqdm.auto import tqdm
 
