@@ -152,19 +152,27 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """Training recipe (``tgated train``; see :mod:`tgated.training`)."""
+
     epochs: int = 50
     steps_per_epoch: int = 0
-    """0 = one pass over the sampled training slices per epoch."""
+    """Optimizer steps per epoch; 0 = one pass over the sampled training slices per epoch."""
     batch_size: int = 8
+    """Samples per forward pass, summed over all processes (each of N processes takes
+    ``batch_size / N``), so a run's result does not depend on the number of processes."""
     grad_accum: int = 1
+    """Forward passes per optimizer step (effective batch ``batch_size × grad_accum``)."""
     lr_adapter: float = 1e-4
     lr_decoder: float = 1e-4
     lr_backbone: float = 1e-6
+    """Learning rate of the CLIP vision tower (used with ``model.train_backbone: true``)."""
     weight_decay: float = 1e-4
     warm_restart_epochs: int = 10
-    """Cosine schedule with warm restarts: length of the first cycle in epochs."""
+    """Cosine schedule with warm restarts: length of each cycle in epochs (stepped per optimizer step)."""
     min_lr_ratio: float = 0.01
+    """Lowest learning rate of a cycle, as a fraction of the group's learning rate."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU."""
     negative_fraction: float = 0.1
@@ -185,21 +193,30 @@ class TrainConfig:
     flip_lr: float = 0.0
     """Probability of a left-right flip (lateralised labels are swapped)."""
     rotate_deg: float = 10.0
+    """Rotations drawn uniformly in ±rotate_deg degrees."""
     scale: float = 0.1
+    """Zoom drawn uniformly in [1 − scale, 1 + scale]."""
     intensity: float = 0.1
+    """Contrast and brightness jitter: ``x · (1 + a) + b`` with a, b uniform in ±intensity."""
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     cache_tokens: Literal["auto", "off", "memory", "disk"] = "auto"
     """Cache vision tokens when the backbone is frozen (turns image-space augmentation off)."""
     cache_max_gb: float = 8.0
     val_every: int = 1
-    """Validate every N epochs (3-D Dice on the validation volumes)."""
+    """Validate every N epochs (3-D Dice on the validation volumes) and after the last epoch."""
     val_max_cases: int = 0
     """0 = all validation cases."""
     num_workers: int = 0
+    """Data-loading worker processes (0 = in the training process)."""
     seed: int = 0
     tensorboard: bool = False
     device: str = "auto"
+    checkpoint_every: int = 0
+    """Also write ``RUN/checkpoints/last.pt`` every N optimizer steps (0 = at epoch ends only)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total, with a checkpoint (0 = no limit); continue with
+    ``--resume`` and a larger (or zero) value."""
 
 
 @dataclass

@@ -1,0 +1,1058 @@
+"""``tgated train``: the training loop, the run folder and exact resume (DESIGN §1, §5, §7).
+
+What a run does
+---------------
+1. Resolve the config (file + ``--set`` overrides, or an :class:`~tgated.config.ExperimentConfig`),
+   check it, and prepare the run folder ``RUN``: a fresh run needs an empty (or missing) folder;
+   ``resume`` continues ``RUN/checkpoints/last.pt``.
+2. Split the dataset (``RUN/splits.json`` on resume, else ``data.splits``, else the reference split
+   :func:`tgated.data.datasets.default_split` with ``data.split_seed`` / ``data.split_sizes``).
+3. Preprocess each training volume once into memory (:mod:`tgated.training.sampling`) and index its
+   positive and negative (slice, organ) samples. With a frozen backbone and no augmentation the
+   vision tokens of every slice are computed once (``train.cache_tokens``, below).
+4. Each epoch draws its samples (:func:`~tgated.training.sampling.epoch_samples`), augments each
+   with its own generator (:mod:`tgated.training.augment`), and optimises BCE + soft Dice + the gate
+   regulariser with AdamW (groups ``adapter`` / ``decoder`` / ``backbone`` at ``lr_adapter`` /
+   ``lr_decoder`` / ``lr_backbone``), a cosine schedule with warm restarts stepped per optimizer step,
+   gradient clipping, gradient accumulation, and AMP on CUDA (bf16, or fp16 with a GradScaler).
+5. Every ``val_every`` epochs (and after the last), each validation volume is segmented by the
+   predictor of ``tgated predict`` (:class:`tgated.inference.predictor.Predictor`) and scored with
+   3-D Dice per labelled organ (organs absent from both masks are skipped); mean Dice = mean over
+   organs of the per-organ means over cases. The best model is saved to ``RUN/model/``.
+
+Run folder: ``config.yaml`` (resolved), ``splits.json``, ``model/`` (best validation Dice; loadable
+with ``TGatedModel.from_pretrained``), ``checkpoints/last.pt``, ``log.csv`` (one row per epoch),
+``val.json`` (per-organ Dice of the best and the latest validation), ``tensorboard/`` (optional). All
+writes are atomic and only rank 0 writes.
+
+Resume
+------
+``resume=True`` continues from ``RUN/checkpoints/last.pt``: model, optimizer, GradScaler, epoch,
+optimizer step, position in the epoch's sample order, running loss sums, validation history and every
+rank's Python / NumPy / torch generator states. Sample order and augmentation depend only on
+``(seed, train.seed, epoch, sample index)``, so an interrupted run continued on the same machine ends
+with the same weights as an uninterrupted one. The given config must equal the run's
+``config.yaml`` except for :data:`RESUMABLE_KEYS` (e.g. more ``train.epochs``); any other difference is
+an error naming the keys. ``resume`` on a missing or empty folder starts a new run, and on a run
+without a checkpoint starts it again from the beginning.
+
+Token cache
+-----------
+With ``model.train_backbone: false`` the vision tower is a fixed function of each slice, so its
+tokens can be computed once per distinct image (:meth:`~tgated.models.tgated.TGatedModel.plan`,
+physical-mode interpolated images included) instead of once per sample per epoch.
+``train.cache_tokens``: ``off``; ``memory`` / ``disk`` (a memory-mapped scratch file under ``RUN``,
+removed at the end) — image-space augmentation is then off (logged); ``auto`` caches in memory when
+the backbone is frozen **and** no augmentation is asked for (``augment: false`` or all its magnitudes
+0), so the paper-protocol configs keep the augmenting, uncached path. Both are bounded by
+``cache_max_gb``: over it, ``auto`` does not cache (logged) and ``memory``/``disk`` are an error.
+
+Distributed
+-----------
+``torchrun --nproc-per-node N -m tgated train ...`` runs the same code under DDP (gloo on CPU, NCCL
+on CUDA). ``train.batch_size`` is the global batch: rank ``r`` takes samples
+``[r·B/N, (r+1)·B/N)`` of each step's ``B`` (``B`` must be divisible by ``N``). Validation is sharded
+over the ranks and gathered; rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import io
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tgated.config import ConfigError, ExperimentConfig, apply_overrides, dump_yaml, load_config, to_dict
+from tgated.io.files import atomic_write_json, atomic_write_text, is_temporary
+from tgated.organs import Organ
+from tgated.training.augment import (
+    Transform,
+    apply_transform,
+    augmentation_active,
+    draw_transform,
+    sample_rng,
+    target_organ,
+)
+from tgated.training.checkpoint import (
+    load_checkpoint,
+    replace_dir,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_digest,
+)
+from tgated.training.distributed import DistContext, init_distributed
+from tgated.training.losses import segmentation_loss
+from tgated.training.sampling import (
+    SampleIndex,
+    TrainVolume,
+    build_sample_index,
+    epoch_samples,
+    epoch_size,
+    load_train_volume,
+    resolve_organ_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.epochs",
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.val_every",
+    "train.val_max_cases",
+    "train.tensorboard",
+    "train.device",
+    "train.num_workers",
+)
+"""Config keys that may differ between a run's ``config.yaml`` and the config given to resume it."""
+
+GROUPS: tuple[str, ...] = ("adapter", "decoder", "backbone")
+LOG_COLUMNS: tuple[str, ...] = (
+    "epoch",
+    "step",
+    *(f"lr_{g}" for g in GROUPS),
+    "loss",
+    "loss_bce",
+    "loss_dice",
+    "loss_gate",
+    "val_dice",
+    "time_s",
+)
+VAL_BATCH_SIZE = 16
+VAL_CACHE_GB = 4.0
+"""Validation volumes are kept in memory between validations up to this size."""
+CACHE_ENCODE_BATCH = 32
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns; usable as the run folder's path (``os.fspath(result)``,
+    ``result / "model"``)."""
+
+    run_dir: Path
+    best_dice: float | None
+    """Best validation mean Dice (None when no validation ran)."""
+    best_epoch: int | None
+    """1-based epoch of the best validation."""
+    epochs: int
+    """Epochs completed."""
+    steps: int
+    """Optimizer steps taken."""
+    finished: bool
+    """False when the run stopped at ``train.max_steps`` before its last epoch."""
+
+    def __fspath__(self) -> str:
+        return str(self.run_dir)
+
+    def __truediv__(self, other: str | os.PathLike) -> Path:
+        return self.run_dir / other
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_config(
+    config: str | os.PathLike | ExperimentConfig, overrides: Sequence[str] | None = None
+) -> ExperimentConfig:
+    """A config file path (+ overrides) or a config object (+ overrides) → a checked copy."""
+    if isinstance(config, ExperimentConfig):
+        cfg = apply_overrides(copy.deepcopy(config), list(overrides or []))
+    elif isinstance(config, (str, os.PathLike)):
+        cfg = load_config(config, list(overrides or []))
+    else:
+        raise ValueError(
+            f"config: expected a YAML file path or an ExperimentConfig, got {type(config).__name__}"
+        )
+    check_config(cfg)
+    return cfg
+
+
+def _need(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r}: expected {expected}")
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """Check the training-related values of ``cfg``; errors name the key, the value and the fix."""
+    t = cfg.train
+    _need(
+        cfg.model.model_type == "tgated",
+        "model.model_type",
+        cfg.model.model_type,
+        "'tgated' (tgated train trains T-Gated / CLIPSeg models)",
+    )
+    _need(
+        bool(cfg.data.root),
+        "data.root",
+        cfg.data.root,
+        "a dataset folder (set it in the config or with --set data.root=PATH)",
+    )
+    _need(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
+    _need(
+        t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, "an integer >= 0 (0 = one pass)"
+    )
+    _need(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
+    _need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
+    for key in ("lr_adapter", "lr_decoder", "lr_backbone", "weight_decay", "grad_clip", "cache_max_gb"):
+        v = getattr(t, key)
+        _need(math.isfinite(v) and v >= 0, f"train.{key}", v, "a finite number >= 0")
+    _need(t.cache_max_gb > 0, "train.cache_max_gb", t.cache_max_gb, "a positive number of GB")
+    _need(t.warm_restart_epochs >= 1, "train.warm_restart_epochs", t.warm_restart_epochs, "an integer >= 1")
+    _need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "a number in [0, 1]")
+    _need(0 <= t.negative_fraction < 1, "train.negative_fraction", t.negative_fraction, "a number in [0, 1)")
+    _need(0 <= t.flip_lr <= 1, "train.flip_lr", t.flip_lr, "a probability in [0, 1]")
+    _need(0 <= t.rotate_deg <= 180, "train.rotate_deg", t.rotate_deg, "degrees in [0, 180]")
+    _need(0 <= t.scale < 1, "train.scale", t.scale, "a number in [0, 1)")
+    _need(0 <= t.intensity < 1, "train.intensity", t.intensity, "a number in [0, 1)")
+    _need(
+        t.dice_weight >= 0 and t.bce_weight >= 0 and t.dice_weight + t.bce_weight > 0,
+        "train.dice_weight / train.bce_weight",
+        (t.dice_weight, t.bce_weight),
+        "weights >= 0, not both 0",
+    )
+    _need(t.val_every >= 1, "train.val_every", t.val_every, "an integer >= 1")
+    _need(t.val_max_cases >= 0, "train.val_max_cases", t.val_max_cases, "an integer >= 0 (0 = all)")
+    _need(t.num_workers >= 0, "train.num_workers", t.num_workers, "an integer >= 0")
+    _need(
+        t.checkpoint_every >= 0,
+        "train.checkpoint_every",
+        t.checkpoint_every,
+        "an integer >= 0 (0 = epoch ends only)",
+    )
+    _need(t.max_steps >= 0, "train.max_steps", t.max_steps, "an integer >= 0 (0 = no limit)")
+    _need(t.seed >= 0, "train.seed", t.seed, "an integer >= 0")
+    _need(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    resolve_organ_weights(t.organ_weights)
+    if t.cache_tokens in ("memory", "disk") and cfg.model.train_backbone:
+        raise ValueError(
+            f"train.cache_tokens={t.cache_tokens!r} with model.train_backbone: true: the vision tokens change "
+            "as the backbone trains, so they cannot be cached; use cache_tokens: off (or auto)"
+        )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.endswith("organ_weights") and not key.endswith("prompts"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ: ``{key: (value in a, value in b)}``."""
+    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``train.precision`` → the autocast dtype (None = float32)."""
+    if device.type != "cuda":
+        if precision in ("auto", "fp32"):
+            return None
+        if precision == "bf16":
+            return torch.bfloat16
+        raise ValueError(
+            f"train.precision={precision!r} needs CUDA (GradScaler); on the CPU use fp32 (or bf16, or auto)"
+        )
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("train.precision='bf16': this GPU does not support bfloat16; use fp16 or auto")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def cosine_restart_factor(step: int, cycle_steps: int, min_ratio: float) -> float:
+    """Learning-rate factor of optimizer step ``step`` (0-based) under cosine annealing with warm
+    restarts every ``cycle_steps`` steps: 1 at each cycle's start, down to ``min_ratio``."""
+    t = (step % cycle_steps) / cycle_steps
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------------------------------------
+# run folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_entries(run: Path) -> list[str]:
+    if not run.exists():
+        return []
+    if not run.is_dir():
+        raise ValueError(f"{run}: exists and is not a folder; --out must be a run folder")
+    return sorted(
+        p.name for p in run.iterdir() if not is_temporary(p) and not p.name.startswith(".token-cache")
+    )
+
+
+def prepare_run(cfg: ExperimentConfig, run: Path, resume: bool) -> Path | None:
+    """Check ``run`` for a new run or a resume (read-only); returns the checkpoint to resume or None."""
+    entries = _run_entries(run)
+    if not entries:
+        if resume:
+            logger.info("%s: nothing to resume; starting a new run", run)
+        return None
+    if not resume:
+        raise ValueError(
+            f"{run}: run folder is not empty ({', '.join(entries[:5])}); pass --resume to continue that run, "
+            "or choose another --out"
+        )
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        raise ValueError(
+            f"{run}: not a tgated run folder (no config.yaml, found {', '.join(entries[:5])}); cannot resume it — "
+            "choose another --out"
+        )
+    try:
+        saved = load_config(cfg_file)
+    except ConfigError as exc:
+        raise ValueError(f"{cfg_file}: cannot be read to resume the run ({exc})") from None
+    diffs = {k: v for k, v in config_differences(saved, cfg).items() if k not in RESUMABLE_KEYS}
+    if diffs:
+        listed = "; ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in list(diffs.items())[:8])
+        raise ValueError(
+            f"{run}: --resume with a config that differs from the run's {cfg_file.name} in {len(diffs)} key(s) "
+            f"({listed}); resume with the run's own config ({cfg_file}) — only {', '.join(RESUMABLE_KEYS)} may change"
+        )
+    ckpt = run / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        logger.warning("%s: no checkpoint yet (%s); starting the run from the beginning", run, ckpt)
+        return None
+    return ckpt
+
+
+def _splits(cfg: ExperimentConfig, run: Path, resuming: bool) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """(split, cases by id) of the run's dataset."""
+    from tgated.data.datasets import default_split, discover, read_splits
+
+    data = cfg.data
+    cases = discover(
+        data.root,
+        data.layout,
+        labels=data.labels or None,
+        totalseg_task=data.totalseg_task or None,
+    )
+    ids = [c.case_id for c in cases]
+    if resuming and (run / "splits.json").is_file():
+        splits = read_splits(run / "splits.json", available=ids)
+    elif data.splits:
+        splits = read_splits(data.splits, available=ids)
+    else:
+        splits = default_split(ids, seed=data.split_seed, sizes=tuple(data.split_sizes))  # type: ignore[arg-type]
+    if not splits["train"]:
+        raise ValueError(
+            f"{data.splits or data.root}: the split has no training cases; give a splits.json with a 'train' list"
+        )
+    return splits, {c.case_id: c for c in cases}
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """A volume's context windows (:class:`tgated.models.tgated.WindowPlan` for every centre)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    w: torch.Tensor
+    index: torch.Tensor  # (Z, K) distinct-image ids of each centre's window
+
+
+def _images(slices: torch.Tensor, plan: _Plan, ids: torch.Tensor) -> torch.Tensor:
+    """Distinct images ``ids`` of a plan as float32 (n, 1, S, S): ``(1 − w)·slice[lo] + w·slice[hi]``."""
+    a = slices[plan.lo[ids]].float()
+    w = plan.w[ids]
+    if not bool((w != 0).any()):
+        return a
+    b = slices[plan.hi[ids]].float()
+    w = w.view(-1, *([1] * (a.dim() - 1)))
+    return (1 - w) * a + w * b
+
+
+class _EpochBatches(Dataset):
+    """Item ``i`` = this rank's share of the epoch's ``i``-th forward batch (windows or tokens,
+    binary masks of the centre slices, organ ids)."""
+
+    def __init__(
+        self,
+        order: np.ndarray,
+        volumes: Sequence[TrainVolume],
+        plans: Sequence[_Plan],
+        tokens: Sequence[Any] | None,
+        train_cfg: Any,
+        seed: Sequence[int],
+        epoch: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.order = order
+        self.volumes = volumes
+        self.plans = plans
+        self.tokens = tokens
+        self.cfg = train_cfg
+        self.seed = list(seed)
+        self.epoch = epoch
+        self.batch = batch_size
+        self.local = batch_size // world
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start = i * self.batch + self.rank * self.local
+        inputs, masks, organs = [], [], []
+        for j, (v, z, organ, _neg) in enumerate(self.order[start : start + self.local].tolist()):
+            vol, plan = self.volumes[v], self.plans[v]
+            rng = sample_rng(self.seed, self.epoch, start + j)
+            t = draw_transform(self.cfg, rng) if self.tokens is None else Transform()
+            label_id, flip = target_organ(organ, t.flip, vol.labelled)
+            t = dataclasses.replace(t, flip=flip)
+            mask = vol.labels[z] == label_id
+            if self.tokens is None:
+                window, m = apply_transform(_images(vol.slices, plan, plan.index[z]), mask, t)
+            else:
+                store = self.tokens[v]
+                if isinstance(store, torch.Tensor):
+                    window = store[plan.index[z]]
+                else:  # memory-mapped .npy (cache_tokens: disk)
+                    window = torch.from_numpy(np.ascontiguousarray(store[plan.index[z].numpy()]))
+                m = mask.float()
+            inputs.append(window)
+            masks.append(m)
+            organs.append(organ)
+        return {
+            "inputs": torch.stack(inputs),
+            "masks": torch.stack(masks),
+            "organs": torch.tensor(organs, dtype=torch.long),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class _Trainer:
+    def __init__(self, cfg: ExperimentConfig, run: Path, ctx: DistContext, resume: bool, quiet: bool) -> None:
+        self.cfg = cfg
+        self.t = cfg.train
+        self.run = run
+        self.ctx = ctx
+        self.quiet = quiet or not ctx.is_main
+        self.seed = [int(cfg.seed), int(cfg.train.seed)]
+        self.device = ctx.device
+        self.amp_dtype = resolve_precision(self.t.precision, self.device)
+        if self.t.batch_size % ctx.world_size:
+            raise ValueError(
+                f"train.batch_size={self.t.batch_size} is not divisible by the {ctx.world_size} processes; "
+                f"it is the global batch (each process takes batch_size / {ctx.world_size}) — use a multiple"
+            )
+        self.ckpt_path = prepare_run(cfg, run, resume)
+        ctx.barrier()
+        self.history: list[dict[str, Any]] = []
+        self.val_best: dict[str, Any] | None = None
+        self.val_latest: dict[str, Any] | None = None
+        self._val_volumes: dict[str, tuple[Any, Any]] = {}
+        self._tb: Any = None
+        self._cache_dir: tempfile.TemporaryDirectory | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _write(self, fn: Any, *args: Any) -> None:
+        if self.ctx.is_main:
+            fn(*args)
+
+    def setup(self) -> None:
+        from tgated.data.datasets import write_splits
+        from tgated.models.tgated import TGatedModel
+
+        cfg, t = self.cfg, self.t
+        resuming = self.ckpt_path is not None
+        self.splits, cases = _splits(cfg, self.run, resuming)
+        if self.ctx.is_main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run / "config.yaml", dump_yaml(cfg))
+            write_splits(self.run / "splits.json", self.splits)
+        self.train_cases = [cases[c] for c in self.splits["train"]]
+        val_ids = self.splits.get("val", [])
+        if t.val_max_cases:
+            val_ids = val_ids[: t.val_max_cases]
+        self.val_cases = [cases[c] for c in val_ids]
+
+        self.model = TGatedModel.from_config(cfg.model).to(self.device)
+        self.model_organs: tuple[Organ, ...] = tuple(self.model.organs)
+        organ_ids = [o.id for o in self.model_organs]
+
+        from tqdm.auto import tqdm
+
+        self.volumes = [
+            load_train_volume(c, cfg.model.preprocess)
+            for c in tqdm(self.train_cases, desc="loading training volumes", unit="case", disable=self.quiet)
+        ]
+        mb = sum(v.nbytes for v in self.volumes) / 1e6
+        logger.info(
+            "%d training volumes in memory (%.0f MB), %d validation cases",
+            len(self.volumes),
+            mb,
+            len(self.val_cases),
+        )
+        self.index: SampleIndex = build_sample_index(self.volumes, organ_ids, t.organ_weights)
+        if not len(self.index.pos):
+            raise ValueError(
+                f"{cfg.data.root}: the training cases hold no voxels of the model's organs "
+                f"({', '.join(o.name for o in self.model_organs)}); check the labels and model.organs"
+            )
+        logger.info(
+            "samples: %d positive, %d negative (slice, organ) pairs", len(self.index.pos), len(self.index.neg)
+        )
+        self.plans = []
+        for v in self.volumes:
+            p = self.model.plan(v.num_slices, v.positions_mm)
+            self.plans.append(_Plan(p.lo, p.hi, p.w, p.index))
+
+        b, a = t.batch_size, t.grad_accum
+        if t.steps_per_epoch:
+            self.micro_per_epoch = t.steps_per_epoch * a
+        else:
+            n = epoch_size(self.index, t.negative_fraction)
+            self.micro_per_epoch = max(a, (n // b) // a * a)
+        self.steps_per_epoch = self.micro_per_epoch // a
+        self.samples_per_epoch = self.micro_per_epoch * b
+        self.cycle_steps = t.warm_restart_epochs * self.steps_per_epoch
+        logger.info(
+            "%d epochs × %d optimizer steps (batch %d × accumulation %d, %d processes)",
+            t.epochs,
+            self.steps_per_epoch,
+            b,
+            a,
+            self.ctx.world_size,
+        )
+
+        self.tokens = self._build_token_cache()
+
+        groups = self.model.param_groups()
+        lrs = {"adapter": t.lr_adapter, "decoder": t.lr_decoder, "backbone": t.lr_backbone}
+        self.optimizer = torch.optim.AdamW(
+            [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
+            lr=t.lr_decoder,
+            weight_decay=t.weight_decay,
+        )
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.net: Any = self.model
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        self.epoch, self.pos, self.step = 0, 0, 0
+        self.loss_sums = [0.0] * 5  # total, bce, dice, gate (× samples), samples
+        self.best_dice: float | None = None
+        self.best_epoch: int | None = None
+        if self.ckpt_path is not None:
+            self._restore(load_checkpoint(self.ckpt_path))
+        else:
+            torch.manual_seed(
+                int(np.random.SeedSequence([*self.seed, self.ctx.rank, 0x7C]).generate_state(1)[0])
+            )
+        if t.tensorboard and self.ctx.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError(
+                    "train.tensorboard: true needs the tensorboard package: pip install 'tgated[tensorboard]' "
+                    "(or set train.tensorboard: false)"
+                ) from None
+            self._tb = SummaryWriter(str(self.run / "tensorboard"))
+
+    def _build_token_cache(self) -> list[Any] | None:
+        t, model = self.t, self.model
+        frozen = not self.cfg.model.train_backbone
+        augmenting = augmentation_active(t)
+        mode = t.cache_tokens
+        if mode == "auto":
+            mode = "memory" if frozen and not augmenting else "off"
+            if mode == "off":
+                why = "the backbone is trained" if not frozen else "augmentation is on"
+                logger.info("token cache off (cache_tokens: auto, %s)", why)
+        if mode == "off":
+            return None
+        dtype = torch.float32 if self.amp_dtype is None else torch.float16
+        n_tok = (self.model.image_size // int(model.backbone.config.vision_config.patch_size)) ** 2 + 1
+        per_image = (
+            len(model.token_layers) * n_tok * model.channels * torch.tensor([], dtype=dtype).element_size()
+        )
+        gb = sum(p.lo.numel() for p in self.plans) * per_image / 1e9
+        if gb > t.cache_max_gb:
+            msg = (
+                f"the token cache needs {gb:.2f} GB (> train.cache_max_gb={t.cache_max_gb}); raise cache_max_gb, "
+                "or train without it (cache_tokens: off)"
+            )
+            if t.cache_tokens == "auto":
+                logger.warning("token cache off: %s", msg)
+                return None
+            raise ValueError(f"train.cache_tokens={t.cache_tokens!r}: {msg}")
+        if augmenting:
+            logger.warning("token cache on (%s): image-space augmentation is off", mode)
+        logger.info("caching vision tokens (%s, %.2f GB, %s)", mode, gb, str(dtype).replace("torch.", ""))
+        if mode == "disk":
+            self._cache_dir = tempfile.TemporaryDirectory(
+                dir=self.run, prefix=f".token-cache-rank{self.ctx.rank}-"
+            )
+        from tqdm.auto import tqdm
+
+        out: list[Any] = []
+        was_training = model.training
+        model.eval()
+        try:
+            for v, (vol, plan) in enumerate(
+                tqdm(
+                    list(zip(self.volumes, self.plans, strict=True)),
+                    desc="caching tokens",
+                    unit="case",
+                    disable=self.quiet,
+                )
+            ):
+                u = plan.lo.numel()
+                store: Any
+                if mode == "disk":
+                    assert self._cache_dir is not None
+                    np_dtype = np.float32 if dtype == torch.float32 else np.float16
+                    shape = (u, len(model.token_layers), n_tok, model.channels)
+                    store = np.lib.format.open_memmap(
+                        os.path.join(self._cache_dir.name, f"{v}.npy"), mode="w+", dtype=np_dtype, shape=shape
+                    )
+                else:
+                    store = None
+                chunks = []
+                for start in range(0, u, CACHE_ENCODE_BATCH):
+                    ids = torch.arange(start, min(start + CACHE_ENCODE_BATCH, u))
+                    with torch.no_grad(), self._autocast():
+                        tok = model.encode(_images(vol.slices, plan, ids).to(self.device))
+                    tok = tok.to("cpu", dtype)
+                    if store is None:
+                        chunks.append(tok)
+                    else:
+                        store[start : start + len(ids)] = tok.numpy()
+                if store is None:
+                    out.append(torch.cat(chunks))
+                else:
+                    store.flush()
+                    out.append(np.load(store.filename, mmap_mode="r"))
+        finally:
+            model.train(was_training)
+        return out
+
+    def _autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state(self) -> dict[str, Any]:
+        rngs = self.ctx.all_gather(rng_state())
+        sums = self.ctx.all_reduce_sum(self.loss_sums)
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        replicas = self.ctx.all_gather(state_digest(trainable))
+        if len(set(replicas)) > 1:
+            logger.warning(
+                "step %d: the model replicas of the %d processes differ (trainable-weight digests %s)",
+                self.step,
+                self.ctx.world_size,
+                ", ".join(d[:12] for d in replicas),
+            )
+        return {
+            "model": {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "step": self.step,
+            "micro_per_epoch": self.micro_per_epoch,
+            "samples_per_epoch": self.samples_per_epoch,
+            "world_size": self.ctx.world_size,
+            "loss_sums": sums,
+            "best_dice": self.best_dice,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "val_best": self.val_best,
+            "val_latest": self.val_latest,
+            "rng": rngs,
+            "replica_sha256": replicas,
+        }
+
+    def _checkpoint(self) -> None:
+        state = self._state()  # collective: every rank takes part
+        if self.ctx.is_main:
+            save_checkpoint(self.run / "checkpoints" / "last.pt", state)
+        self.ctx.barrier()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        path = self.ckpt_path
+        if (
+            state.get("micro_per_epoch") != self.micro_per_epoch
+            or state.get("samples_per_epoch") != self.samples_per_epoch
+        ):
+            raise ValueError(
+                f"{path}: the checkpoint was taken with {state.get('micro_per_epoch')} batches per epoch, this data "
+                f"gives {self.micro_per_epoch}: the training data changed since — restore it or start a new run"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: does not fit this run's model ({str(exc)[:300]})") from None
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.pos, self.step = int(state["epoch"]), int(state["pos"]), int(state["step"])
+        self.loss_sums = list(state["loss_sums"]) if self.ctx.is_main else [0.0] * 5
+        self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
+        self.history = list(state["history"])
+        self.val_best, self.val_latest = state["val_best"], state["val_latest"]
+        rngs = state["rng"]
+        if int(state["world_size"]) == self.ctx.world_size:
+            set_rng_state(rngs[self.ctx.rank])
+        else:
+            logger.warning(
+                "%s: written by %s process(es), resumed with %d: dropout randomness differs from an "
+                "uninterrupted run (sample order and augmentation do not)",
+                path,
+                state["world_size"],
+                self.ctx.world_size,
+            )
+            set_rng_state(rngs[0])
+            torch.manual_seed(
+                int(np.random.SeedSequence([*self.seed, self.ctx.rank, self.step]).generate_state(1)[0])
+            )
+        logger.info("resumed %s at epoch %d, step %d", path, self.epoch + 1, self.step)
+
+    # ------------------------------------------------------------------ training
+
+    def _set_lr(self) -> None:
+        f = cosine_restart_factor(self.step, self.cycle_steps, self.t.min_lr_ratio)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base * f
+
+    def _lrs(self) -> dict[str, Any]:
+        lrs: dict[str, Any] = {f"lr_{g}": "" for g in GROUPS}
+        for g in self.optimizer.param_groups:
+            lrs[f"lr_{g['name']}"] = g["lr"]
+        return lrs
+
+    def _optimizer_step(self) -> None:
+        self._set_lr()
+        if self.t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; False when ``max_steps`` stopped it."""
+        from tqdm.auto import tqdm
+
+        t = self.t
+        order = epoch_samples(self.index, self.samples_per_epoch, t.negative_fraction, self.seed, self.epoch)
+        data = _EpochBatches(
+            order,
+            self.volumes,
+            self.plans,
+            self.tokens,
+            t,
+            self.seed,
+            self.epoch,
+            t.batch_size,
+            self.ctx.rank,
+            self.ctx.world_size,
+        )
+        loader = DataLoader(
+            data,
+            batch_size=None,
+            sampler=range(self.pos, self.micro_per_epoch),
+            num_workers=t.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # its own generator: creating an iterator must not consume the global torch RNG (dropout),
+            # or a resumed epoch would differ from an uninterrupted one
+            generator=torch.Generator().manual_seed(self.epoch),
+        )
+        bar = tqdm(
+            total=self.micro_per_epoch,
+            initial=self.pos,
+            desc=f"epoch {self.epoch + 1}/{t.epochs}",
+            unit="batch",
+            disable=self.quiet,
+            leave=False,
+        )
+        self.net.train()
+        a = t.grad_accum
+        for mb, batch in zip(range(self.pos, self.micro_per_epoch), loader, strict=True):
+            last = (mb + 1) % a == 0
+            sync = self.net.no_sync() if self.ctx.distributed and not last else contextlib.nullcontext()
+            inputs = batch["inputs"].to(self.device, non_blocking=True)
+            masks = batch["masks"].to(self.device, non_blocking=True)
+            organs = batch["organs"].to(self.device)
+            with sync:
+                with self._autocast():
+                    if self.tokens is None:
+                        logits = self.net(pixel_windows=inputs, organs=organs)
+                    else:
+                        logits = self.net(token_windows=inputs, organs=organs)
+                parts = segmentation_loss(logits, masks, bce_weight=t.bce_weight, dice_weight=t.dice_weight)
+                gate = self.model.gate_regularization().float()
+                loss = parts.total + gate
+                self.scaler.scale(loss / a).backward()
+            n = int(masks.shape[0])
+            for i, v in enumerate((loss, parts.bce, parts.dice, gate)):
+                self.loss_sums[i] += float(v.detach()) * n
+            self.loss_sums[4] += n
+            bar.update(1)
+            if not self.quiet:
+                bar.set_postfix(loss=f"{self.loss_sums[0] / max(self.loss_sums[4], 1):.4f}")
+            if last:
+                self._optimizer_step()
+                self.pos = mb + 1
+                stop = bool(t.max_steps) and self.step >= t.max_steps
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or stop:
+                    self._checkpoint()
+                if stop:
+                    bar.close()
+                    logger.info(
+                        "stopped at train.max_steps=%d (epoch %d); continue with --resume",
+                        t.max_steps,
+                        self.epoch + 1,
+                    )
+                    return False
+        bar.close()
+        return True
+
+    # ------------------------------------------------------------------ validation
+
+    def _val_volume(self, case: Any) -> tuple[Any, Any]:
+        from tgated.data.datasets import load_case
+
+        if case.case_id in self._val_volumes:
+            return self._val_volumes[case.case_id]
+        image, label = load_case(case)
+        held = sum(im.data.nbytes + lb.data.nbytes for im, lb in self._val_volumes.values())
+        if (held + image.data.nbytes + label.data.nbytes) / 1e9 <= VAL_CACHE_GB:
+            self._val_volumes[case.case_id] = (image, label)
+        return image, label
+
+    def _validate(self) -> dict[str, Any]:
+        from tgated.inference.predictor import Predictor
+        from tgated.metrics import dice
+
+        mine = self.val_cases[self.ctx.rank :: self.ctx.world_size]
+        rows: list[tuple[str, str, float]] = []
+        predictor = Predictor(self.model, device=self.device, batch_size=VAL_BATCH_SIZE, quiet=True)
+        pred_log = logging.getLogger("tgated.inference.predictor")
+        level = pred_log.level
+        pred_log.setLevel(max(level, logging.WARNING))  # no per-volume modality notes every validation
+        try:
+            for case in mine:
+                image, label = self._val_volume(case)
+                modality = case.modality or image.modality or self.cfg.model.preprocess.modality
+                pred = predictor.predict_volume(image, modality=modality).labels
+                for organ in self.model_organs:
+                    if organ.name not in case.labelled:
+                        continue
+                    g, p = label.data == organ.id, pred == organ.id
+                    if g.any() or p.any():
+                        rows.append((case.case_id, organ.name, float(dice(g, p))))
+        finally:
+            pred_log.setLevel(level)
+            self.model.train()
+        all_rows = [r for part in self.ctx.all_gather(rows) for r in part]
+        organs: dict[str, dict[str, float]] = {}
+        for o in self.model_organs:
+            vals = [d for _, name, d in all_rows if name == o.name]
+            if vals:
+                organs[o.name] = {"dice": float(np.mean(vals)), "n": len(vals)}
+        mean = float(np.mean([v["dice"] for v in organs.values()])) if organs else float("nan")
+        return {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "mean_dice": None if math.isnan(mean) else mean,
+            "cases": len(self.val_cases),
+            "organs": organs,
+        }
+
+    # ------------------------------------------------------------------ epoch end
+
+    def _save_model(self) -> None:
+        if self.ctx.is_main:
+            replace_dir(self.run / "model", self.model.save_pretrained)
+
+    def _end_epoch(self, started: float) -> None:
+        t = self.t
+        last_epoch = self.epoch + 1 == t.epochs
+        val = None
+        if self.val_cases and ((self.epoch + 1) % t.val_every == 0 or last_epoch):
+            val = self._validate()
+            self.val_latest = val
+            d = val["mean_dice"]
+            if d is not None and (self.best_dice is None or d > self.best_dice):
+                self.best_dice, self.best_epoch = d, self.epoch + 1
+                self.val_best = val
+                self._save_model()
+                logger.info(
+                    "epoch %d: new best validation mean Dice %.4f -> %s",
+                    self.epoch + 1,
+                    d,
+                    self.run / "model",
+                )
+        sums = self.ctx.all_reduce_sum(self.loss_sums)
+        n = max(sums[4], 1.0)
+        row = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            **self._lrs(),
+            "loss": sums[0] / n,
+            "loss_bce": sums[1] / n,
+            "loss_dice": sums[2] / n,
+            "loss_gate": sums[3] / n,
+            "val_dice": "" if val is None or val["mean_dice"] is None else val["mean_dice"],
+            "time_s": round(time.perf_counter() - started, 3),
+        }
+        self.history.append(row)
+        logger.info(
+            "epoch %d/%d: loss %.4f (bce %.4f, dice %.4f)%s",
+            self.epoch + 1,
+            t.epochs,
+            row["loss"],
+            row["loss_bce"],
+            row["loss_dice"],
+            f", val mean Dice {row['val_dice']:.4f}" if row["val_dice"] != "" else "",
+        )
+        if self.ctx.is_main:
+            self._write_logs()
+            if self._tb is not None:
+                for key in ("loss", "loss_bce", "loss_dice", "loss_gate", *(f"lr_{g}" for g in GROUPS)):
+                    if row[key] != "":
+                        self._tb.add_scalar(f"train/{key}", row[key], self.step)
+                if row["val_dice"] != "":
+                    self._tb.add_scalar("val/mean_dice", row["val_dice"], self.step)
+                self._tb.flush()
+        self.epoch += 1
+        self.pos = 0
+        self.loss_sums = [0.0] * 5
+        self._checkpoint()
+
+    def _write_logs(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(LOG_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        for row in self.history:
+            writer.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+        atomic_write_text(self.run / "log.csv", buf.getvalue())
+        atomic_write_json(
+            self.run / "val.json",
+            {"metric": "dice", "best": self.val_best, "latest": self.val_latest},
+        )
+
+    # ------------------------------------------------------------------ main
+
+    def run_all(self) -> TrainResult:
+        self.setup()
+        t = self.t
+        finished = True
+        while self.epoch < t.epochs:
+            started = time.perf_counter()
+            if not self._train_epoch():
+                finished = False
+                break
+            self._end_epoch(started)
+        if finished and not (self.run / "model" / "config.json").is_file():
+            if not self.val_cases:
+                logger.warning(
+                    "no validation cases: %s holds the model of the last epoch", self.run / "model"
+                )
+            self._save_model()
+        self.ctx.barrier()
+        return TrainResult(
+            run_dir=self.run,
+            best_dice=self.best_dice,
+            best_epoch=self.best_epoch,
+            epochs=self.epoch,
+            steps=self.step,
+            finished=finished,
+        )
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._cache_dir is not None:
+            self.tokens = None
+            self._cache_dir.cleanup()
+
+
+def train(
+    config: str | os.PathLike | ExperimentConfig,
+    out: str | os.PathLike,
+    overrides: Sequence[str] | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+) -> TrainResult:
+    """Train a model into the run folder ``out`` (see the module docstring for what is written).
+
+    ``config``: a YAML file or an :class:`~tgated.config.ExperimentConfig` (not modified);
+    ``overrides``: ``key=value`` strings applied on top (``train.epochs=5``); ``resume``: continue
+    ``out/checkpoints/last.pt`` (a missing or empty ``out`` starts a new run); ``quiet``: no progress
+    bars. Returns a :class:`TrainResult` (``os.fspath(result)`` is the run folder). Under ``torchrun``
+    every process calls this; rank 0 writes the files.
+    """
+    cfg = resolve_config(config, overrides)
+    ctx = init_distributed(cfg.train.device)
+    trainer = None
+    try:
+        trainer = _Trainer(cfg, Path(out), ctx, resume=resume, quiet=quiet)
+        return trainer.run_all()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        ctx.close()
+
+
+__all__ = [
+    "GROUPS",
+    "RESUMABLE_KEYS",
+    "TrainResult",
+    "check_config",
+    "config_differences",
+    "cosine_restart_factor",
+    "prepare_run",
+    "resolve_config",
+    "resolve_precision",
+    "train",
+]

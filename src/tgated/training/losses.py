@@ -1,0 +1,44 @@
+"""Segmentation loss: BCE + soft Dice on the centre slice's mask, computed in float32.
+
+``loss = bce_weight · BCE + dice_weight · (1 − soft Dice)`` with, per sample,
+``soft Dice = (2 Σ p·t + 1) / (Σ p + Σ t + 1)`` (``p = sigmoid(logits)``, sums over pixels, smoothing
+1), both averaged over the batch. The smoothing makes a negative sample (empty target) cost
+``1 − 1 / (Σ p + 1)``: zero when nothing is predicted. The gate regulariser of the model
+(:meth:`tgated.models.tgated.TGatedModel.gate_regularization`) is added by the training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DICE_SMOOTH = 1.0
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    bce: torch.Tensor
+    dice: torch.Tensor
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+    """Mean over the batch of ``1 − soft Dice`` for logits and binary targets (B, H, W)."""
+    p = torch.sigmoid(logits.float()).flatten(1)
+    t = target.float().flatten(1)
+    inter = (p * t).sum(1)
+    dice = (2 * inter + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return (1 - dice).mean()
+
+
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0, dice_weight: float = 1.0
+) -> LossParts:
+    """BCE + soft Dice for logits (B, H, W) and binary targets (B, H, W)."""
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(target.shape)} differ in shape")
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    dice = soft_dice_loss(logits, target)
+    return LossParts(total=bce_weight * bce + dice_weight * dice, bce=bce, dice=dice)

@@ -1,0 +1,181 @@
+"""End-to-end training on phantoms with a tiny random CLIPSeg: loss, run folder, CLI, resume, token cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.conftest import TINY_CONFIG, no_dropout
+from tgated.config import dump_yaml
+from tgated.training import TrainResult, train
+from tgated.training.checkpoint import load_checkpoint
+
+
+def log_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def test_short_run_decreases_the_loss(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "train.epochs=4",
+        "train.steps_per_epoch=8",
+        "train.augment=false",
+        "train.lr_adapter=3e-3",
+        "train.lr_decoder=3e-3",
+        "train.warm_restart_epochs=4",
+        "train.val_every=4",
+    )
+    result = train(cfg, out=tmp_path / "run", quiet=True)
+    rows = log_rows(tmp_path / "run")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["step"]) for r in rows] == [8, 16, 24, 32]
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert last < first - 0.1, (first, last)
+    # validation only at the 4th (= last) epoch
+    assert [r["val_dice"] != "" for r in rows] == [False, False, False, True]
+    assert result.finished and result.steps == 32 and result.best_epoch == 4
+    # the schedule: cosine over 4 epochs from the base learning rate
+    assert float(rows[0]["lr_adapter"]) < 3e-3 and float(rows[-1]["lr_adapter"]) < float(
+        rows[0]["lr_adapter"]
+    )
+    assert rows[0]["lr_backbone"] == ""  # frozen backbone: no group
+
+
+def test_run_folder_layout_cli_and_refusal(phantom_root, tmp_path, capsys):
+    from tgated.cli import main
+    from tgated.models.tgated import TGatedModel
+
+    run = tmp_path / "run"
+    args = ["train", str(TINY_CONFIG), "--out", str(run), "--set", f"data.root={phantom_root}"]
+    fast = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set", "train.batch_size=4"]
+    assert main([*args, *fast, "--quiet"]) == 0
+    for name in (
+        "config.yaml",
+        "splits.json",
+        "log.csv",
+        "val.json",
+        "checkpoints/last.pt",
+        "model/config.json",
+    ):
+        assert (run / name).is_file(), name
+    model = TGatedModel.from_pretrained(run / "model")
+    assert model.context == 3
+    splits = json.loads((run / "splits.json").read_text())
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [2, 1, 1]
+    val = json.loads((run / "val.json").read_text())
+    assert val["best"]["epoch"] == 1 and val["latest"] == val["best"]
+    assert set(val["best"]["organs"]) <= {o.name for o in model.organs}
+    assert all(0.0 <= v["dice"] <= 1.0 and v["n"] == 1 for v in val["best"]["organs"].values())
+    assert "train:\n  epochs: 1\n" in (run / "config.yaml").read_text()
+    # a second run into the same folder is refused ...
+    capsys.readouterr()
+    assert main([*args, *fast, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "run folder is not empty" in err and "--resume" in err
+    # ... and resuming the finished run is a no-op that reports the same result
+    result = train(
+        TINY_CONFIG, out=run, overrides=[f"data.root={phantom_root}", *fast[1::2]], resume=True, quiet=True
+    )
+    assert isinstance(result, TrainResult) and result.epochs == 1 and Path(result) == run
+
+
+def test_resume_continues_exactly(tiny_cfg, tmp_path):
+    """An interrupted run (stopped mid-epoch by max_steps), resumed, ends with the same weights and log
+    as an uninterrupted one: augmentation, dropout, gradient accumulation and validation on."""
+    base = [
+        "train.epochs=2",
+        "train.steps_per_epoch=3",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.checkpoint_every=2",
+    ]
+    full = train(tiny_cfg(*base), out=tmp_path / "full", quiet=True)
+    part = train(tiny_cfg(*base, "train.max_steps=4"), out=tmp_path / "part", quiet=True)
+    assert not part.finished and part.steps == 4 and part.epochs == 1
+    ckpt = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["pos"], ckpt["step"]) == (1, 2, 4)  # mid-epoch 2: 2 of 6 batches done
+    done = train(tiny_cfg(*base), out=tmp_path / "part", resume=True, quiet=True)
+    assert done.finished and done.steps == full.steps == 6
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in log_rows(tmp_path / "full")]
+    assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in log_rows(tmp_path / "part")]
+    assert done.best_dice == full.best_dice
+
+
+def test_resume_checks_the_config_and_the_checkpoint(tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg("train.epochs=1", "train.steps_per_epoch=1"), out=run, quiet=True)
+    with pytest.raises(ValueError, match=r"train.lr_adapter: run has 0.001, given 0.5"):
+        train(
+            tiny_cfg("train.epochs=1", "train.steps_per_epoch=1", "train.lr_adapter=0.5"),
+            out=run,
+            resume=True,
+        )
+    with pytest.raises(ValueError, match="run folder is not empty"):
+        train(tiny_cfg("train.epochs=1", "train.steps_per_epoch=1"), out=run)
+    # more epochs is a legitimate continuation
+    more = train(tiny_cfg("train.epochs=2", "train.steps_per_epoch=1"), out=run, resume=True, quiet=True)
+    assert more.epochs == 2 and more.steps == 2
+    ckpt = run / "checkpoints" / "last.pt"
+    data = bytearray(ckpt.read_bytes())
+    ckpt.write_bytes(bytes(data[: len(data) - 100]))
+    with pytest.raises(ValueError, match=r"last\.pt: not a readable checkpoint"):
+        train(tiny_cfg("train.epochs=3", "train.steps_per_epoch=1"), out=run, resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a tgated run folder"):
+        train(tiny_cfg(), out=tmp_path / "other", resume=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.batch_size=0", "train.batch_size=0: expected an integer >= 1"),
+        ("train.negative_fraction=1.0", "train.negative_fraction=1.0"),
+        ("train.precision=fp16", "needs CUDA"),
+        ("train.cache_tokens=memory", "cannot be cached"),
+        ("data.root=", "data.root=''"),
+        ("train.organ_weights={pancreaz: 3}", "Did you mean 'pancreas'"),
+    ],
+)
+def test_bad_training_settings_are_errors(tiny_cfg, tmp_path, override, fragment):
+    extra = ["model.train_backbone=true"] if "cache_tokens" in override else []
+    with pytest.raises(ValueError, match=fragment):
+        train(tiny_cfg(override, *extra), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_token_cache_gives_the_uncached_losses(tiny_cfg, tmp_path):
+    common = ["train.augment=false", "train.epochs=1", "train.steps_per_epoch=4", *no_dropout()]
+    off = train(tiny_cfg(*common, "train.cache_tokens='off'"), out=tmp_path / "off", quiet=True)
+    mem = train(tiny_cfg(*common, "train.cache_tokens=auto"), out=tmp_path / "memory", quiet=True)
+    disk = train(tiny_cfg(*common, "train.cache_tokens=disk"), out=tmp_path / "disk", quiet=True)
+    losses = [float(log_rows(r)[0]["loss"]) for r in (off, mem, disk)]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == pytest.approx(losses[0], abs=1e-5)
+    a, b = weights(off.run_dir), weights(mem.run_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert not any(p.name.startswith(".token-cache") for p in disk.run_dir.iterdir())  # scratch removed
+
+
+def test_physical_context_and_flip_train(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "model.context_mode=physical",
+        "model.context_step_mm=4.0",
+        "train.epochs=1",
+        "train.steps_per_epoch=2",
+    )
+    (tmp_path / "cfg.yaml").write_text(dump_yaml(cfg))
+    result = train(tmp_path / "cfg.yaml", out=tmp_path / "run", quiet=True)
+    assert result.finished and (tmp_path / "run" / "model" / "model.safetensors").is_file()

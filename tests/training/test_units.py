@@ -1,0 +1,152 @@
+"""Loss values, the learning-rate schedule, checkpoint files and generator states."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from tgated.training.checkpoint import (
+    load_checkpoint,
+    replace_dir,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_digest,
+)
+from tgated.training.loop import config_differences, cosine_restart_factor, resolve_precision
+from tgated.training.losses import segmentation_loss, soft_dice_loss
+
+
+def test_loss_by_hand():
+    logits = torch.zeros(1, 2, 2)
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    parts = segmentation_loss(logits, target, bce_weight=1.0, dice_weight=2.0)
+    # p = 0.5 everywhere: BCE = ln 2; soft Dice = (2·0.5 + 1) / (2 + 1 + 1) = 0.5
+    assert parts.bce.item() == pytest.approx(math.log(2))
+    assert parts.dice.item() == pytest.approx(0.5)
+    assert parts.total.item() == pytest.approx(math.log(2) + 2 * 0.5)
+    # a negative sample (empty target) predicted empty costs nothing; predicted full costs 1 - 1/(4+1)
+    empty = torch.zeros(1, 2, 2)
+    assert soft_dice_loss(torch.full((1, 2, 2), -50.0), empty).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_dice_loss(torch.full((1, 2, 2), 50.0), empty).item() == pytest.approx(0.8)
+    # batch mean of per-sample losses
+    both = soft_dice_loss(torch.stack([logits[0], torch.full((2, 2), 50.0)]), torch.cat([target, empty]))
+    assert both.item() == pytest.approx((0.5 + 0.8) / 2)
+    with pytest.raises(ValueError, match="differ in shape"):
+        segmentation_loss(torch.zeros(1, 2, 2), torch.zeros(1, 3, 3))
+
+
+def test_cosine_schedule_with_warm_restarts():
+    r = 0.01
+    assert cosine_restart_factor(0, 10, r) == pytest.approx(1.0)
+    assert cosine_restart_factor(5, 10, r) == pytest.approx((1 + r) / 2)
+    assert cosine_restart_factor(9, 10, r) == pytest.approx(r + (1 - r) * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert cosine_restart_factor(10, 10, r) == pytest.approx(1.0)  # restart
+    assert cosine_restart_factor(25, 10, r) == pytest.approx(cosine_restart_factor(5, 10, r))
+
+
+def test_precision_on_cpu():
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_config_differences_name_dotted_keys():
+    from tgated.config import ExperimentConfig, apply_overrides
+
+    a = ExperimentConfig()
+    b = apply_overrides(
+        a, ["train.lr_adapter=0.5", "model.adapter_config.dim=64", "train.organ_weights={liver: 2}"]
+    )
+    diffs = config_differences(a, b)
+    assert set(diffs) == {"train.lr_adapter", "model.adapter_config.dim", "train.organ_weights"}
+    assert diffs["train.lr_adapter"] == (1e-4, 0.5)
+
+
+def _state() -> dict:
+    opt_state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0], "name": "adapter"}],
+    }
+    return {
+        "model": {"w": torch.randn(3, 4), "b": torch.zeros(2, dtype=torch.bfloat16)},
+        "optimizer": opt_state,
+        "epoch": 2,
+        "best": None,
+        "rng": rng_state(),
+    }
+
+
+def test_checkpoint_round_trip(tmp_path):
+    state = _state()
+    path = save_checkpoint(tmp_path / "checkpoints" / "last.pt", state)
+    back = load_checkpoint(path)
+    assert state_digest(back) == state_digest(state)
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporaries left
+
+
+def test_tampered_and_truncated_checkpoints_are_errors_naming_the_file(tmp_path):
+    state = _state()
+    w = state["model"]["w"]
+    path = save_checkpoint(tmp_path / "last.pt", state)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(w.numpy().tobytes()[:16])
+    assert at > 0
+    data[at + 5] ^= 0x40  # one bit of a weight: torch.load still reads the file
+    tampered = tmp_path / "tampered.pt"
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"tampered\.pt: checkpoint contents do not match"):
+        load_checkpoint(tampered)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated\.pt: not a readable checkpoint"):
+        load_checkpoint(truncated)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": w}, other)
+    with pytest.raises(ValueError, match="not a tgated training checkpoint"):
+        load_checkpoint(other)
+
+
+def test_rng_states_restore_every_generator(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.random()
+    np.random.normal()  # leaves a cached Gaussian in NumPy's legacy state
+    path = save_checkpoint(tmp_path / "rng.pt", {"rng": rng_state()})
+    expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(load_checkpoint(path)["rng"])
+    got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def test_replace_dir_swaps_whole_folders(tmp_path):
+    target = tmp_path / "model"
+
+    def write(text):
+        return lambda d: (d / "a.txt").write_text(text)
+
+    replace_dir(target, write("one"))
+    replace_dir(target, write("two"))
+    assert (target / "a.txt").read_text() == "two"
+
+    def fail(d):
+        (d / "a.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        replace_dir(target, fail)
+    assert (target / "a.txt").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
