@@ -67,6 +67,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,9 +484,9 @@ class _Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _write(self, fn: Any, *args: Any) -> None:
-        if self.ctx.is_main:
-            fn(*args)
+    def info(self, msg: str, *args: Any) -> None:
+        """Log at INFO on rank 0 (other ranks: DEBUG), so a message appears once per run."""
+        logger.log(logging.INFO if self.ctx.is_main else logging.DEBUG, msg, *args)
 
     def setup(self) -> None:
         from tgated.data.datasets import write_splits
@@ -515,7 +516,7 @@ class _Trainer:
             for c in tqdm(self.train_cases, desc="loading training volumes", unit="case", disable=self.quiet)
         ]
         mb = sum(v.nbytes for v in self.volumes) / 1e6
-        logger.info(
+        self.info(
             "%d training volumes in memory (%.0f MB), %d validation cases",
             len(self.volumes),
             mb,
@@ -527,7 +528,7 @@ class _Trainer:
                 f"{cfg.data.root}: the training cases hold no voxels of the model's organs "
                 f"({', '.join(o.name for o in self.model_organs)}); check the labels and model.organs"
             )
-        logger.info(
+        self.info(
             "samples: %d positive, %d negative (slice, organ) pairs", len(self.index.pos), len(self.index.neg)
         )
         self.plans = []
@@ -544,7 +545,7 @@ class _Trainer:
         self.steps_per_epoch = self.micro_per_epoch // a
         self.samples_per_epoch = self.micro_per_epoch * b
         self.cycle_steps = t.warm_restart_epochs * self.steps_per_epoch
-        logger.info(
+        self.info(
             "%d epochs × %d optimizer steps (batch %d × accumulation %d, %d processes)",
             t.epochs,
             self.steps_per_epoch,
@@ -571,7 +572,6 @@ class _Trainer:
             self.net = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
             )
         self.epoch, self.pos, self.step = 0, 0, 0
         self.loss_sums = [0.0] * 5  # total, bce, dice, gate (× samples), samples
@@ -602,7 +602,7 @@ class _Trainer:
             mode = "memory" if frozen and not augmenting else "off"
             if mode == "off":
                 why = "the backbone is trained" if not frozen else "augmentation is on"
-                logger.info("token cache off (cache_tokens: auto, %s)", why)
+                self.info("token cache off (cache_tokens: auto, %s)", why)
         if mode == "off":
             return None
         dtype = torch.float32 if self.amp_dtype is None else torch.float16
@@ -622,7 +622,7 @@ class _Trainer:
             raise ValueError(f"train.cache_tokens={t.cache_tokens!r}: {msg}")
         if augmenting:
             logger.warning("token cache on (%s): image-space augmentation is off", mode)
-        logger.info("caching vision tokens (%s, %.2f GB, %s)", mode, gb, str(dtype).replace("torch.", ""))
+        self.info("caching vision tokens (%s, %.2f GB, %s)", mode, gb, str(dtype).replace("torch.", ""))
         if mode == "disk":
             self._cache_dir = tempfile.TemporaryDirectory(
                 dir=self.run, prefix=f".token-cache-rank{self.ctx.rank}-"
@@ -752,7 +752,7 @@ class _Trainer:
             torch.manual_seed(
                 int(np.random.SeedSequence([*self.seed, self.ctx.rank, self.step]).generate_state(1)[0])
             )
-        logger.info("resumed %s at epoch %d, step %d", path, self.epoch + 1, self.step)
+        self.info("resumed %s at epoch %d, step %d", path, self.epoch + 1, self.step)
 
     # ------------------------------------------------------------------ training
 
@@ -831,7 +831,11 @@ class _Trainer:
                 parts = segmentation_loss(logits, masks, bce_weight=t.bce_weight, dice_weight=t.dice_weight)
                 gate = self.model.gate_regularization().float()
                 loss = parts.total + gate
-                self.scaler.scale(loss / a).backward()
+                with warnings.catch_warnings():
+                    # DDP notes that the decoder's transposed-convolution gradient has other (equivalent)
+                    # strides than its bucket; harmless, and it would be printed by every process
+                    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+                    self.scaler.scale(loss / a).backward()
             n = int(masks.shape[0])
             for i, v in enumerate((loss, parts.bce, parts.dice, gate)):
                 self.loss_sums[i] += float(v.detach()) * n
@@ -847,7 +851,7 @@ class _Trainer:
                     self._checkpoint()
                 if stop:
                     bar.close()
-                    logger.info(
+                    self.info(
                         "stopped at train.max_steps=%d (epoch %d); continue with --resume",
                         t.max_steps,
                         self.epoch + 1,
@@ -926,7 +930,7 @@ class _Trainer:
                 self.best_dice, self.best_epoch = d, self.epoch + 1
                 self.val_best = val
                 self._save_model()
-                logger.info(
+                self.info(
                     "epoch %d: new best validation mean Dice %.4f -> %s",
                     self.epoch + 1,
                     d,
@@ -946,7 +950,7 @@ class _Trainer:
             "time_s": round(time.perf_counter() - started, 3),
         }
         self.history.append(row)
-        logger.info(
+        self.info(
             "epoch %d/%d: loss %.4f (bce %.4f, dice %.4f)%s",
             self.epoch + 1,
             t.epochs,
