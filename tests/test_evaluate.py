@@ -38,6 +38,7 @@ SUMMARY_KEYS = {
     "false_positive_cases",
     "missed_cases",
     "unpredicted_cases",
+    "scored_organs",
     "pred",
     "gt",
     "totalseg_task",
@@ -158,6 +159,42 @@ def test_model_from_provenance_is_copied(tmp_path):
     (pred_dir / "labels.json").write_text("{}")  # non-NIfTI files in the folder are ignored
     summary = evaluate(pred=pred_dir, gt=gt_dir, dataset="folder", quiet=True)
     assert summary["model"] == {"hash": "abc123", "name": "tgated"}
+
+
+def test_only_the_predicted_organs_are_scored(tmp_path, capsys):
+    """A model trained for a subset of organs is scored on that subset (its labels.json), not
+    penalised with Dice 0 for organs it was never asked to segment — unless --organs all."""
+    gt_dir, pred_dir = tmp_path / "labels", tmp_path / "pred"
+    gt = ground_truth()
+    write(gt_dir / "case00.nii.gz", gt)
+    pred = gt.copy()
+    pred[gt == 5] = 0  # no aorta: the model does not segment it
+    pred[np.roll(gt == 3, 2, axis=0) & (gt == 0)] = 3  # spleen shifted by two planes
+    write(pred_dir / "case00.nii.gz", pred)
+    (pred_dir / "labels.json").write_text(json.dumps({"0": "background", "1": "liver", "3": "spleen"}))
+
+    summary = evaluate(pred=pred_dir, gt=gt_dir, dataset="folder", out=tmp_path / "e", quiet=True)
+    assert summary["scored_organs"] == ["liver", "spleen"]
+    assert set(summary["organs"]) == {"liver", "spleen"}
+    _, rows = read_rows(tmp_path / "e" / "metrics.csv")
+    assert [r["organ"] for r in rows] == ["liver", "spleen"]
+    g, p = gt == 3, pred == 3
+    expected_spleen = 2 * (g & p).sum() / (g.sum() + p.sum())
+    assert summary["organs"]["spleen"]["dice"] == pytest.approx(expected_spleen)
+    assert summary["mean_dice"] == pytest.approx((1.0 + expected_spleen) / 2)
+
+    everything = evaluate(pred=pred_dir, gt=gt_dir, dataset="folder", organs="all", quiet=True)
+    assert everything["scored_organs"] is None
+    assert everything["organs"]["aorta"]["dice"] == 0.0 and everything["organs"]["aorta"]["missed_cases"] == 1
+    assert everything["mean_dice"] == pytest.approx((1.0 + expected_spleen + 0.0) / 3)
+
+    assert main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--dataset", "folder",
+                 "--organs", "aorta", "--out", str(tmp_path / "e2"), "--quiet"]) == 0  # fmt: skip
+    assert set(json.loads((tmp_path / "e2" / "summary.json").read_text())["organs"]) == {"aorta"}
+
+    (pred_dir / "labels.json").write_text(json.dumps({"0": "background", "1": "kidneys"}))
+    with pytest.raises(ValueError, match=r"labels\.json.*kidneys.*--organs"):
+        evaluate(pred=pred_dir, gt=gt_dir, dataset="folder", quiet=True)
 
 
 # ---------------------------------------------------------------------------------------------

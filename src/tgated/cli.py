@@ -87,6 +87,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         out=args.out,
         totalseg_task=args.totalseg_task,
         quiet=args.quiet,
+        organs=args.organs,
     )
     if not args.quiet:
         print(
@@ -191,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("total", "total_mr"),
         default=None,
         help="TotalSegmentator task of multilabel ground truth (dataset totalseg)",
+    )
+    p.add_argument(
+        "--organs",
+        default=None,
+        help="organs to score, e.g. liver,spleen, or 'all' (default: those in the predictions' labels.json)",
     )
     p.add_argument("--out", required=True, help="output folder")
     _common(p)

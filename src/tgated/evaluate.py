@@ -14,7 +14,11 @@ or the label folder for the ``folder`` layout).
   mismatch (shape, spacing, origin, oblique direction) is an error naming both files. Spacing comes
   from the ground truth's header.
 * Organs: those the dataset labels for the case (:attr:`Case.labelled`); others are excluded, never
-  scored (BTCV has no duodenum, so duodenum never appears in BTCV metrics).
+  scored (BTCV has no duodenum, so duodenum never appears in BTCV metrics). Of these, only the
+  organs the predictions were made for: ``organs`` when given, else the organs of the prediction
+  folder's ``labels.json`` (written by ``tgated predict``; a model trained for four organs is scored
+  on those four), else all 13. ``organs="all"`` scores every labelled organ, an organ that was never
+  predicted then counting as missed (Dice 0).
 * Protocols: see :mod:`tgated.metrics` (``native``, ``flare22``, ``paper``).
 
 ``metrics.csv`` has the columns ``case,organ,dice,nsd,hd95,gt_voxels,pred_voxels`` (one row per case
@@ -53,7 +57,7 @@ from tgated.metrics import (
     paper_case_scores,
     summarise,
 )
-from tgated.organs import NUM_ORGANS
+from tgated.organs import LABELS_JSON, NUM_ORGANS, parse_organs
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class _Job:
     case: Case
     prediction: Path
     protocol: str
+    organs: tuple[str, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,17 +226,23 @@ def check_provenance(pred_dir: Path, predictions: dict[str, Path]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def score_case_files(case: Case, prediction: str | os.PathLike, protocol: str = "native") -> list[OrganScore]:
-    """Scores of one case's prediction file against its ground truth (the organs the case labels)."""
+def score_case_files(
+    case: Case,
+    prediction: str | os.PathLike,
+    protocol: str = "native",
+    organs: Sequence[str] | None = None,
+) -> list[OrganScore]:
+    """Scores of one case's prediction file against its ground truth: the organs the case labels
+    (of ``organs``, when given)."""
     check_protocol(protocol)
     gt = load_label(case)
     pred_vol = read_volume(prediction, label=True)
     check_same_grid(pred_vol, gt)
     pred = _check_prediction(pred_vol)
-    organs = list(case.labelled)
+    scored = [o for o in case.labelled if organs is None or o in organs]
     if protocol == "flare22":
         # The FLARE22 script works on the label file's own array axes and header zooms.
-        scores = flare22_case_scores(gt.to_original(gt.data), gt.to_original(pred), _file_spacing(gt), organs)
+        scores = flare22_case_scores(gt.to_original(gt.data), gt.to_original(pred), _file_spacing(gt), scored)
         for s in scores:
             if s.gt_voxels and math.isnan(s.dice):
                 logger.warning(
@@ -241,12 +252,32 @@ def score_case_files(case: Case, prediction: str | os.PathLike, protocol: str = 
                 )
         return scores
     if protocol == "paper":
-        return paper_case_scores(gt.data, pred, organs)
-    return native_case_scores(gt.data, pred, gt.spacing, organs)
+        return paper_case_scores(gt.data, pred, scored)
+    return native_case_scores(gt.data, pred, gt.spacing, scored)
 
 
 def _run_job(job: _Job) -> list[OrganScore]:
-    return score_case_files(job.case, job.prediction, job.protocol)
+    return score_case_files(job.case, job.prediction, job.protocol, job.organs)
+
+
+def predicted_organs(pred: Path, organs: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """The organ names to score (None = every labelled organ): ``organs`` (``"all"``, a comma list or
+    a list of names), else those of ``pred/labels.json``."""
+    if organs is not None:
+        chosen = parse_organs(organs)  # "all" -> all 13
+        return None if len(chosen) == NUM_ORGANS else tuple(o.name for o in chosen)
+    path = pred / LABELS_JSON
+    if not path.is_file():
+        return None
+    try:
+        table = read_json(path)
+        names = [v for k, v in table.items() if k != "0"] if isinstance(table, dict) else None
+        listed = parse_organs(names) if names else ()
+    except (ValueError, KeyError) as exc:
+        raise ValueError(
+            f"{path}: not a labels.json of tgated predict ({exc}); fix it or pass --organs (or --organs all)"
+        ) from None
+    return tuple(o.name for o in listed) if 0 < len(listed) < NUM_ORGANS else None
 
 
 def _auto_workers(n_jobs: int) -> int:
@@ -305,6 +336,7 @@ def evaluate(
     totalseg_task: str | None = None,
     quiet: bool = False,
     *,
+    organs: str | Sequence[str] | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
     """Score the predictions in ``pred`` against the ground truth of ``dataset`` found under ``gt``.
@@ -318,6 +350,8 @@ def evaluate(
         out: folder for ``metrics.csv`` and ``summary.json`` (written atomically); None writes nothing.
         totalseg_task: ``total`` or ``total_mr`` for TotalSegmentator multilabel ground truth.
         quiet: no progress bar.
+        organs: organs to score (names or a comma list; ``"all"`` = every organ the dataset labels);
+            default: those of ``pred/labels.json``, else all.
         workers: worker processes (default: one per CPU up to 4 when there are at least 4 cases per
             worker, else in-process). Output order does not depend on it.
 
@@ -358,7 +392,10 @@ def evaluate(
             _listing(unpredicted),
         )
 
-    jobs = [_Job(c, predictions[c.case_id], protocol) for c in matched]
+    chosen = predicted_organs(Path(pred), organs)
+    if chosen is not None and len(chosen) < NUM_ORGANS:
+        logger.info("scoring the predicted organs only: %s", ", ".join(chosen))
+    jobs = [_Job(c, predictions[c.case_id], protocol, chosen) for c in matched]
     n_workers = _auto_workers(len(jobs)) if workers is None else max(1, int(workers))
     n_workers = min(n_workers, len(jobs))
     logger.info(
@@ -403,6 +440,7 @@ def evaluate(
         "false_positive_cases": sum(int(o["false_positive_cases"]) for o in organs.values()),
         "missed_cases": sum(int(o["missed_cases"]) for o in organs.values()),
         "unpredicted_cases": unpredicted,
+        "scored_organs": list(chosen) if chosen is not None else None,
         "pred": str(Path(pred)),
         "gt": str(Path(gt)),
         "totalseg_task": totalseg_task,

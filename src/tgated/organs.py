@@ -261,6 +261,10 @@ def remap_labels(
     return lut[arr.astype(np.int64)]
 
 
+LABELS_JSON = "labels.json"
+"""File name of the label table written next to predictions."""
+
+
 def labels_json(organs: Iterable[Organ] = ORGANS) -> dict[str, str]:
     """The ``labels.json`` written next to predictions: {"0": "background", "1": "liver", ...}."""
     out = {"0": "background"}

@@ -59,12 +59,11 @@ from tgated.io.volumes import (
     volume_from_nifti,
     write_like,
 )
-from tgated.organs import ORGAN_BY_ID, ORGAN_BY_NAME, labels_json, parse_organs
+from tgated.organs import LABELS_JSON, ORGAN_BY_ID, ORGAN_BY_NAME, labels_json, parse_organs
 
 logger = logging.getLogger(__name__)
 
 PROVENANCE = "provenance.json"
-LABELS_JSON = "labels.json"
 
 
 @dataclass(frozen=True)
