@@ -80,6 +80,9 @@ class BackboneConfig:
     projection_dim: int = 32
     extract_layers: list[int] = field(default_factory=lambda: [1, 2, 3])
     reduce_dim: int = 16
+    patch_size: int = 16
+    """``tiny`` preset: vision patch size in pixels (16 as CLIPSeg; 8 gives a 4× finer token grid for
+    small inputs such as the demo's 96-128 pixel slices)."""
     image_size: int = 0
     """``tiny`` preset: side of the vision position grid in pixels (0 = the model input size);
     a different size is interpolated, as rd64 interpolates its 224-pixel grid to 352."""

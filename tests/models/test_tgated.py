@@ -395,3 +395,30 @@ def test_encode_stack_runs_once_per_distinct_image(make_model, stack, monkeypatc
     seen.clear()
     model.segment_stack_naive(stack, ["liver", "spleen", "aorta"], batch_size=9)
     assert sum(seen) == 9 * 5 * 3
+
+
+def test_random_decoder_starts_at_the_foreground_prior(make_model) -> None:
+    """Random weights start near p = RANDOM_FOREGROUND_PRIOR (not 0.5) on every pixel, so early
+    training does not spend its steps learning that most pixels are background."""
+    from tgated.models.backbone import RANDOM_FOREGROUND_PRIOR
+
+    model = make_model(adapter="none").eval()
+    gen = torch.Generator().manual_seed(3)
+    windows = torch.rand(4, 1, 1, 64, 64, generator=gen)
+    with torch.no_grad():
+        p = torch.sigmoid(model(pixel_windows=windows, organs=torch.tensor([1, 3, 5, 11])))
+    assert RANDOM_FOREGROUND_PRIOR == pytest.approx(0.02)
+    assert 0.005 < float(p.median()) < 0.08
+    assert float(p.max()) < 0.5
+
+
+def test_tiny_preset_patch_8(make_model) -> None:
+    """patch_size 8: a 4x finer token grid, decoded back to the full input size."""
+    from tgated.config import BackboneConfig
+
+    model = make_model(backbone=BackboneConfig(source="random", preset="tiny", patch_size=8, seed=0))
+    assert model.backbone.config.vision_config.patch_size == 8
+    out = model(pixel_windows=torch.rand(2, 3, 1, 64, 64), organs=torch.tensor([1, 2]))
+    assert out.shape == (2, 64, 64)
+    with pytest.raises(ValueError, match=r"patch_size=12: expected 8 or 16"):
+        make_model(backbone=BackboneConfig(source="random", preset="tiny", patch_size=12, seed=0))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ def rd64_config(special_tokens: dict[str, int] | None = None) -> Any:
 
 
 def tiny_config(bb: BackboneConfig, image_size: int, special_tokens: dict[str, int], vocab_size: int) -> Any:
-    """A small random CLIPSeg (patch 16) from the ``BackboneConfig`` size fields.
+    """A small random CLIPSeg (patch 16, or 8) from the ``BackboneConfig`` size fields.
 
     The vision position grid is ``bb.image_size`` (0 = the model input size ``image_size``); the
     text tower uses ``num_attention_heads`` heads and an MLP of 4 × ``text_hidden_size``; the
@@ -118,6 +119,8 @@ def tiny_config(bb: BackboneConfig, image_size: int, special_tokens: dict[str, i
         raise ValueError(
             f"model.backbone.reduce_dim={bb.reduce_dim}: expected a multiple of 4 (4 decoder heads)"
         )
+    if bb.patch_size not in (8, 16):
+        raise ValueError(f"model.backbone.patch_size={bb.patch_size}: expected 8 or 16")
     bad = [i for i in bb.extract_layers if not 0 <= i < bb.num_hidden_layers]
     if bad or not bb.extract_layers:
         raise ValueError(
@@ -143,7 +146,7 @@ def tiny_config(bb: BackboneConfig, image_size: int, special_tokens: dict[str, i
             "num_attention_heads": heads,
             "num_channels": 3,
             "image_size": grid,
-            "patch_size": 16,
+            "patch_size": bb.patch_size,
             "hidden_act": "quick_gelu",
         },
         projection_dim=bb.projection_dim,
@@ -152,7 +155,8 @@ def tiny_config(bb: BackboneConfig, image_size: int, special_tokens: dict[str, i
         decoder_num_attention_heads=4,
         decoder_intermediate_size=4 * bb.reduce_dim,
         conditional_layer=0,
-        use_complex_transposed_convolution=True,
+        # CLIPSeg's two-stage upsampling multiplies by (patch / 4)², which is the patch size only for 16
+        use_complex_transposed_convolution=bb.patch_size == 16,
     )
 
 
@@ -220,12 +224,19 @@ def skip_init() -> Iterator[None]:
         yield
 
 
+RANDOM_FOREGROUND_PRIOR = 0.02
+"""Initial foreground probability of a randomly initialised decoder (see :func:`build_clipseg`)."""
+
+
 def build_clipseg(config: Any, *, meta: bool = False, seed: int = 0, init: bool = True) -> Any:
     """``CLIPSegForImageSegmentation(config)``: on the meta device (architecture only), with
     random weights from ``seed``, or uninitialised (``init=False``, for loading weights).
 
     Random weights use transformers' CLIPSeg init, except that the decoder's FiLM, reduce and
-    upsampling layers get PyTorch's default (fan-in) init.
+    upsampling layers get PyTorch's default (fan-in) init, and the bias of the last upsampling layer
+    starts at the logit of :data:`RANDOM_FOREGROUND_PRIOR`: an organ covers a few percent of a slice,
+    so starting at p = 0.5 everywhere spends the first hundreds of steps learning "mostly background"
+    before the Dice term can act (the prior initialisation of Lin et al., *Focal Loss*, 2017).
     """
     from transformers import CLIPSegForImageSegmentation
 
@@ -245,6 +256,10 @@ def build_clipseg(config: Any, *, meta: bool = False, seed: int = 0, init: bool 
                 module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
             ):
                 module.reset_parameters()
+        up = model.decoder.transposed_convolution
+        last = up[-1] if isinstance(up, nn.Sequential) else up
+        with torch.no_grad():
+            last.bias.fill_(math.log(RANDOM_FOREGROUND_PRIOR / (1 - RANDOM_FOREGROUND_PRIOR)))
         return model
 
 
