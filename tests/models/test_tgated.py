@@ -407,8 +407,7 @@ def test_random_decoder_starts_at_the_foreground_prior(make_model) -> None:
     windows = torch.rand(4, 1, 1, 64, 64, generator=gen)
     with torch.no_grad():
         p = torch.sigmoid(model(pixel_windows=windows, organs=torch.tensor([1, 3, 5, 11])))
-    assert RANDOM_FOREGROUND_PRIOR == pytest.approx(0.02)
-    assert 0.005 < float(p.median()) < 0.08
+    assert RANDOM_FOREGROUND_PRIOR / 4 < float(p.median()) < RANDOM_FOREGROUND_PRIOR * 4
     assert float(p.max()) < 0.5
 
 
