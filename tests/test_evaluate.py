@@ -432,3 +432,16 @@ def test_cli_evaluate(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert err.startswith("tgated evaluate: error:") and "prediction folder does not exist" in err
     assert not (tmp_path / "f").exists()
+
+
+def test_package_level_evaluate_is_the_function(tmp_path):
+    """``tgated.evaluate(...)`` works whether or not the module tgated.evaluate was imported first."""
+    import importlib
+
+    import tgated
+
+    importlib.import_module("tgated.evaluate")
+    gt_dir, pred_dir = folder_dataset(tmp_path, n=1)
+    summary = tgated.evaluate(pred=pred_dir, gt=gt_dir, dataset="folder", quiet=True)
+    assert summary["mean_dice"] == 1.0 and summary["cases"] == 1
+    assert tgated.train.__module__ == "tgated.training.loop"

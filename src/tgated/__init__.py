@@ -17,6 +17,7 @@ _EXPORTS = {
     "TGatedModel": "tgated.models.tgated",
     "read_volume": "tgated.io.volumes",
     "evaluate": "tgated.evaluate",
+    "train": "tgated.training",
     "ExperimentConfig": "tgated.config",
     "load_config": "tgated.config",
     "ORGANS": "tgated.organs",

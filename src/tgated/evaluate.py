@@ -35,6 +35,8 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
+import types
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -455,3 +457,15 @@ def evaluate(
         atomic_write_json(out_dir / SUMMARY_JSON, _json_safe(summary))
         logger.info("wrote %s and %s", out_dir / METRICS_CSV, out_dir / SUMMARY_JSON)
     return summary
+
+
+class _CallableModule(types.ModuleType):
+    """``tgated.evaluate`` is both this module and the function :func:`evaluate`: once the module
+    is imported (``from tgated.evaluate import ...``) the package attribute is the module, so the
+    module forwards calls to the function and ``tgated.evaluate(...)`` works either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
