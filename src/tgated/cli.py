@@ -140,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         "can be fetched), a tiny randomly initialised CLIPSeg, baseline vs T-Gated, and a report.",
     )
     p.add_argument("--out", default="tgated_demo", help="output folder (default: ./tgated_demo)")
-    p.add_argument("--quick", action="store_true", help="a smaller demo (about 3 minutes on 2 CPU cores)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller demo (about 1.5 minutes on 2 CPU cores; the full one takes about 4)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     _common(p)
     p.set_defaults(func=_cmd_demo)
