@@ -221,3 +221,41 @@ def test_real_ct_and_dicom_predictions_keep_input_geometry_and_evaluate(tmp_path
     )
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["cases"] == 2
+
+
+@pytest.mark.slow
+def test_predict_under_torchrun_splits_the_cases(tmp_path, model_dir):
+    """Two processes under torchrun: each case predicted exactly once, by its rank, with the same
+    result as one process; provenance.json (updated under a file lock) records every case."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    names = [f"case{i}" for i in range(5)]
+    for name in names:
+        data = (rng.normal(0, 300, (24, 20, 6)) - 300).astype(np.int16)
+        write_nifti(tmp_path / "in" / f"{name}.nii.gz", data, lps_affine())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    cmd += ["tgated", "predict", "--model", str(model_dir), "--input", str(tmp_path / "in")]
+    cmd += ["--output", str(tmp_path / "ddp"), "--device", "cpu", "--save-probabilities", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = ["predict", "--model", str(model_dir), "--input", str(tmp_path / "in")]
+    assert main([*single, "--output", str(tmp_path / "one"), "--device", "cpu", "--save-probabilities", "--quiet"]) == 0
+
+    prov = json.loads((tmp_path / "ddp" / "provenance.json").read_text())
+    assert sorted(prov["cases"]) == names
+    for name in names:
+        a = np.asarray(nib.load(tmp_path / "ddp" / f"{name}.nii.gz").dataobj)
+        b = np.asarray(nib.load(tmp_path / "one" / f"{name}.nii.gz").dataobj)
+        np.testing.assert_array_equal(a, b)
+        pa, pb = np.load(tmp_path / "ddp" / f"{name}_probs.npz"), np.load(tmp_path / "one" / f"{name}_probs.npz")
+        assert sorted(pa.files) == sorted(pb.files) and "liver" in pa.files
+        for key in pa.files:
+            np.testing.assert_allclose(pa[key].astype(np.float32), pb[key].astype(np.float32), atol=2e-3)
+    assert json.loads((tmp_path / "ddp" / "labels.json").read_text()) == O.labels_json()
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
