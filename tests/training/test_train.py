@@ -179,3 +179,25 @@ def test_physical_context_and_flip_train(tiny_cfg, tmp_path):
     (tmp_path / "cfg.yaml").write_text(dump_yaml(cfg))
     result = train(tmp_path / "cfg.yaml", out=tmp_path / "run", quiet=True)
     assert result.finished and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_empty_label_maps_are_an_error_before_anything_is_written(tiny_cfg, phantom_root, tmp_path):
+    """Label maps without a voxel of the model's organs: one error naming the dataset and the organs,
+    and no run folder."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    root = tmp_path / "empty"
+    shutil.copytree(phantom_root, root)
+    for f in (root / "labels").glob("*.nii.gz"):
+        img = nib.load(f)
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header), f)
+    with pytest.raises(ValueError, match=r"empty: the training cases hold no voxels of the model's organs \(liver"):
+        train(tiny_cfg(f"data.root={root}"), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+    # organs restricted to ones the labels lack: the same error, naming only those organs
+    with pytest.raises(ValueError, match=r"hold no voxels of the model's organs \(spleen\)"):
+        train(tiny_cfg(f"data.root={root}", "model.organs=[spleen]"), out=tmp_path / "run", quiet=True)

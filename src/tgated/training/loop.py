@@ -495,10 +495,6 @@ class _Trainer:
         cfg, t = self.cfg, self.t
         resuming = self.ckpt_path is not None
         self.splits, cases = _splits(cfg, self.run, resuming)
-        if self.ctx.is_main:
-            self.run.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run / "config.yaml", dump_yaml(cfg))
-            write_splits(self.run / "splits.json", self.splits)
         self.train_cases = [cases[c] for c in self.splits["train"]]
         val_ids = self.splits.get("val", [])
         if t.val_max_cases:
@@ -531,6 +527,10 @@ class _Trainer:
         self.info(
             "samples: %d positive, %d negative (slice, organ) pairs", len(self.index.pos), len(self.index.neg)
         )
+        if self.ctx.is_main:  # the data is usable: now the run folder is created
+            self.run.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run / "config.yaml", dump_yaml(cfg))
+            write_splits(self.run / "splits.json", self.splits)
         self.plans = []
         for v in self.volumes:
             p = self.model.plan(v.num_slices, v.positions_mm)
