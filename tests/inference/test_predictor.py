@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import lps_affine
-from tests.models.conftest import randomise_adapters, tiny_model_config
+from tests.models.conftest import even_odds, randomise_adapters, tiny_model_config
 from tgated.inference.predictor import Predictor, looks_like, resolve_modality
 from tgated.io.volumes import volume_from_array
 from tgated.models.tgated import TGatedModel
@@ -15,6 +15,7 @@ from tgated.models.tgated import TGatedModel
 def _model(**changes):
     model = TGatedModel.from_config(tiny_model_config(**changes))
     randomise_adapters(model)  # neighbours must change the output, or chunking bugs would hide
+    even_odds(model)  # foreground and background both present in the label maps
     return model.eval()
 
 

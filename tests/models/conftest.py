@@ -54,6 +54,15 @@ def randomise_adapters(model: Any, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
+def even_odds(model: Any) -> None:
+    """Set the decoder's output bias to 0: random weights then predict foreground on about half of the
+    pixels instead of the 2 % training prior, so label-map logic (argmax, threshold) is exercised."""
+    up = model.decoder.transposed_convolution
+    last = up[-1] if isinstance(up, torch.nn.Sequential) else up
+    with torch.no_grad():
+        last.bias.zero_()
+
+
 @pytest.fixture
 def stack() -> torch.Tensor:
     """(9, 1, 64, 64) slices in [0, 1] that differ from slice to slice."""

@@ -25,26 +25,30 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_short_run_decreases_the_loss(tiny_cfg, tmp_path):
+    """100 steps on the liver (frozen tiny backbone): the loss falls well below its start, past the
+    early phase that only learns "background", and the validation volume's liver is found."""
     cfg = tiny_cfg(
+        "model.organs=[liver]",
         "train.epochs=4",
-        "train.steps_per_epoch=8",
+        "train.steps_per_epoch=25",
         "train.augment=false",
-        "train.lr_adapter=3e-3",
-        "train.lr_decoder=3e-3",
+        "train.lr_adapter=1e-2",
+        "train.lr_decoder=1e-2",
         "train.warm_restart_epochs=4",
         "train.val_every=4",
     )
     result = train(cfg, out=tmp_path / "run", quiet=True)
     rows = log_rows(tmp_path / "run")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
-    assert [int(r["step"]) for r in rows] == [8, 16, 24, 32]
+    assert [int(r["step"]) for r in rows] == [25, 50, 75, 100]
     first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
-    assert last < first - 0.1, (first, last)
+    assert last < first - 0.3, (first, last)
     # validation only at the 4th (= last) epoch
     assert [r["val_dice"] != "" for r in rows] == [False, False, False, True]
-    assert result.finished and result.steps == 32 and result.best_epoch == 4
+    assert float(rows[-1]["val_dice"]) > 0.3
+    assert result.finished and result.steps == 100 and result.best_epoch == 4
     # the schedule: cosine over 4 epochs from the base learning rate
-    assert float(rows[0]["lr_adapter"]) < 3e-3 and float(rows[-1]["lr_adapter"]) < float(
+    assert float(rows[0]["lr_adapter"]) < 1e-2 and float(rows[-1]["lr_adapter"]) < float(
         rows[0]["lr_adapter"]
     )
     assert rows[0]["lr_backbone"] == ""  # frozen backbone: no group
