@@ -100,6 +100,31 @@ def test_report_writes_html_plots_and_overlays(tmp_path):
     assert (tmp_path / "rep" / "overlay_ev_a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_overlay_ground_truth_shows_the_scored_organs_only(tmp_path, monkeypatch):
+    """A model evaluated on a subset of organs: its overlay's ground truth holds that subset."""
+    from tgated.report import figures
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    lab = np.zeros((12, 10, 6), np.uint8)
+    lab[3:8, 2:6, 1:5] = 1  # liver (scored)
+    lab[9:11, 2:6, 1:5] = 5  # aorta (not scored)
+    write_nifti(gt_dir / "a.nii.gz", lab, lps_affine())
+    write_nifti(pred_dir / "a.nii.gz", np.where(lab == 1, 1, 0).astype(np.uint8), lps_affine())
+    _evaluation(
+        tmp_path / "ev", "folder", _organs(1.0, math.nan), [("a", "liver", 1.0, 1.0, 0.0, 80, 80)],
+        pred=pred_dir, gt=gt_dir,
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    seen = {}
+    monkeypatch.setattr(figures, "overlay", lambda image, gt, pred, path, **kw: seen.update(gt=gt) or path)
+    for scored, expected in ((["liver"], {0, 1}), (None, {0, 1, 5})):
+        summary["scored_organs"] = scored
+        atomic_write_json(tmp_path / "ev" / "summary.json", summary)
+        (e,) = find_evaluations([tmp_path / "ev"])
+        assert figures.evaluation_overlays(e, tmp_path / "rep")
+        assert set(np.unique(seen["gt"]).tolist()) == expected
+
+
 def test_missing_inputs_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_evaluations([tmp_path / "nope"])

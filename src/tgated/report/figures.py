@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tgated.organs import ORGAN_BY_ID, ORGAN_NAMES, ORGANS
+from tgated.organs import ORGAN_BY_ID, ORGAN_BY_NAME, ORGAN_NAMES, ORGANS
 from tgated.report.tables import Evaluation
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def evaluation_overlays(e: Evaluation, out_dir: Path, max_cases: int = 2) -> lis
     """Overlays for the first cases of an evaluation, when its predictions and labels can be found.
 
     Uses ``summary["pred"]`` / ``summary["gt"]`` (written by ``tgated evaluate``) and the prediction
-    folder's ``provenance.json`` for the input image. Missing pieces are skipped with a log message.
+    folder's ``provenance.json`` for the input image; the ground truth shows the scored organs only
+    (``summary["scored_organs"]``). Missing pieces are skipped with a log message.
     """
     from tgated.data.datasets import ground_truth_cases, load_label
     from tgated.io.files import read_json
@@ -200,12 +201,15 @@ def evaluation_overlays(e: Evaluation, out_dir: Path, max_cases: int = 2) -> lis
     if prov_path.is_file():
         provenance = (read_json(prov_path) or {}).get("cases", {})
     cases = sorted({r["case"] for r in e.rows})[:max_cases]
+    scored = e.summary.get("scored_organs")  # None: every organ the dataset labels
+    keep = [ORGAN_BY_NAME[n].id for n in scored if n in ORGAN_BY_NAME] if scored else None
     out = []
     for cid in cases:
         pred_file = Path(pred_dir) / f"{cid}.nii.gz"
         if cid not in gts or not pred_file.is_file():
             continue
         gt = load_label(gts[cid])
+        gt_labels = gt.data if keep is None else np.where(np.isin(gt.data, keep), gt.data, 0)
         pred = read_volume(pred_file, label=True)
         image, modality = None, None
         src = (provenance.get(cid) or {}).get("input")
@@ -222,7 +226,7 @@ def evaluation_overlays(e: Evaluation, out_dir: Path, max_cases: int = 2) -> lis
         out.append(
             overlay(
                 image,
-                gt.data,
+                gt_labels,
                 pred.data,
                 out_dir / f"overlay_{safe}.png",
                 title=f"{e.name}: {cid}",
