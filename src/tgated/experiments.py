@@ -196,7 +196,7 @@ def run_demo(
         _say(f"[3/5] {name}: predicting {len(test_images)} held-out phantoms → {pred_dir}", quiet)
         predict(run, test_images, pred_dir, device=device, quiet=True)
         ev = out_p / "evaluation" / name / "phantom_test"
-        _say(f"[4/5] {name}: evaluating → {ev}", quiet)
+        _say(f"[3/5] {name}: evaluating → {ev}", quiet)
         evaluate(pred=pred_dir, gt=data, dataset="flare22", out=ev, quiet=True)
         evals[f"{name}/phantom_test"] = ev
 
@@ -232,13 +232,14 @@ def _real_ct(out_p: Path, runs: dict[str, Path], device: str, quiet: bool) -> di
     folder = out_p / "examples"
     try:
         if not (folder / "labels" / "example_ct_sm.nii.gz").is_file():
-            _say("[3/5] fetching the real example CT (TotalSegmentator sdist on PyPI)", quiet)
+            _say("[4/5] fetching the real example CT (TotalSegmentator sdist on PyPI)", quiet)
             examples.export_folder(folder, ["example_ct_sm"], quiet=True)
     except (OSError, ValueError) as exc:
         logger.warning("real example CT unavailable (%s); the demo continues with phantoms only", exc)
         return {}
     out = {}
     for name, run in runs.items():
+        _say(f"[4/5] {name}: predicting and evaluating the real example CT (zero-shot)", quiet)
         pred_dir = out_p / "predictions" / name / "real_ct"
         predict(run, folder / "images", pred_dir, device=device, quiet=True)
         ev = out_p / "evaluation" / name / "real_ct"
