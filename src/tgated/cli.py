@@ -235,7 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"tgated {args.command}: interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "train":
+            hint = f"; the last checkpoint is kept: continue with tgated train {args.config} --out {args.out} --resume"
+        elif args.command in ("predict", "demo"):
+            hint = "; finished cases are kept: run the same command again to finish the rest"
+        print(f"tgated {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError, ImportError) as exc:
         if args.debug:

@@ -205,3 +205,17 @@ def test_empty_label_maps_are_an_error_before_anything_is_written(tiny_cfg, phan
     # organs restricted to ones the labels lack: the same error, naming only those organs
     with pytest.raises(ValueError, match=r"hold no voxels of the model's organs \(spleen\)"):
         train(tiny_cfg(f"data.root={root}", "model.organs=[spleen]"), out=tmp_path / "run", quiet=True)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in tgated train: exit code 130 and the command that continues the run."""
+    import tgated.training
+    from tgated.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tgated.training, "train", interrupted)
+    assert main(["train", "cfg.yaml", "--out", str(tmp_path / "run"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert f"continue with tgated train cfg.yaml --out {tmp_path / 'run'} --resume" in err
