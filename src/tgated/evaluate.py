@@ -395,7 +395,7 @@ def evaluate(
         )
 
     chosen = predicted_organs(Path(pred), organs)
-    if chosen is not None and len(chosen) < NUM_ORGANS:
+    if chosen is not None:
         logger.info("scoring the predicted organs only: %s", ", ".join(chosen))
     jobs = [_Job(c, predictions[c.case_id], protocol, chosen) for c in matched]
     n_workers = _auto_workers(len(jobs)) if workers is None else max(1, int(workers))

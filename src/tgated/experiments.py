@@ -56,14 +56,13 @@ MODELS = ("baseline", "tgated")
 class DemoSize:
     cases: int
     size: int
-    image_size: int
+    """In-plane size of the phantoms, and the model's input size."""
     epochs: int
     steps_per_epoch: int
 
 
-QUICK = DemoSize(cases=8, size=96, image_size=96, epochs=2, steps_per_epoch=300)
-FULL = DemoSize(cases=16, size=128, image_size=128, epochs=3, steps_per_epoch=400)
-
+QUICK = DemoSize(cases=8, size=96, epochs=2, steps_per_epoch=300)
+FULL = DemoSize(cases=16, size=128, epochs=3, steps_per_epoch=400)
 
 
 def demo_config(adapter: str = "tgated", quick: bool = False, *, root: str = "") -> ExperimentConfig:
@@ -98,7 +97,7 @@ def demo_config(adapter: str = "tgated", quick: bool = False, *, root: str = "")
             organs=list(DEMO_ORGANS),
             train_backbone=True,
             adapter_config=AdapterConfig(dim=64, layers=2, heads=4, ffn_dim=128, spatial_heads=4),
-            preprocess=PreprocessConfig(image_size=s.image_size),
+            preprocess=PreprocessConfig(image_size=s.size),
         ),
         train=TrainConfig(
             epochs=s.epochs,
