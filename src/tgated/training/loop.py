@@ -831,11 +831,7 @@ class _Trainer:
                 parts = segmentation_loss(logits, masks, bce_weight=t.bce_weight, dice_weight=t.dice_weight)
                 gate = self.model.gate_regularization().float()
                 loss = parts.total + gate
-                with warnings.catch_warnings():
-                    # DDP notes that the decoder's transposed-convolution gradient has other (equivalent)
-                    # strides than its bucket; harmless, and it would be printed by every process
-                    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-                    self.scaler.scale(loss / a).backward()
+                self.scaler.scale(loss / a).backward()
             n = int(masks.shape[0])
             for i, v in enumerate((loss, parts.bce, parts.dice, gate)):
                 self.loss_sums[i] += float(v.detach()) * n
@@ -1040,8 +1036,12 @@ def train(
     ctx = init_distributed(cfg.train.device)
     trainer = None
     try:
-        trainer = _Trainer(cfg, Path(out), ctx, resume=resume, quiet=quiet)
-        return trainer.run_all()
+        with warnings.catch_warnings():
+            # DDP notes that the decoder's transposed-convolution gradient has other (equivalent)
+            # strides than its bucket; harmless, and every process would print it
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            trainer = _Trainer(cfg, Path(out), ctx, resume=resume, quiet=quiet)
+            return trainer.run_all()
     finally:
         if trainer is not None:
             trainer.close()
