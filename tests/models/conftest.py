@@ -57,10 +57,10 @@ def randomise_adapters(model: Any, seed: int = 0) -> None:
 def even_odds(model: Any) -> None:
     """Set the decoder's output bias to 0: random weights then predict foreground on about half of the
     pixels instead of the 2 % training prior, so label-map logic (argmax, threshold) is exercised."""
-    up = model.decoder.transposed_convolution
-    last = up[-1] if isinstance(up, torch.nn.Sequential) else up
+    from tgated.models.backbone import decoder_output_layer
+
     with torch.no_grad():
-        last.bias.zero_()
+        decoder_output_layer(model).bias.zero_()
 
 
 @pytest.fixture

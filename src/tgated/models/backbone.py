@@ -228,6 +228,12 @@ RANDOM_FOREGROUND_PRIOR = 0.02
 """Initial foreground probability of a randomly initialised decoder (see :func:`build_clipseg`)."""
 
 
+def decoder_output_layer(model: Any) -> nn.ConvTranspose2d:
+    """The CLIPSeg decoder's last upsampling layer (its bias sets the logits' starting level)."""
+    up = model.decoder.transposed_convolution
+    return up[-1] if isinstance(up, nn.Sequential) else up
+
+
 def build_clipseg(config: Any, *, meta: bool = False, seed: int = 0, init: bool = True) -> Any:
     """``CLIPSegForImageSegmentation(config)``: on the meta device (architecture only), with
     random weights from ``seed``, or uninitialised (``init=False``, for loading weights).
@@ -256,10 +262,10 @@ def build_clipseg(config: Any, *, meta: bool = False, seed: int = 0, init: bool 
                 module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
             ):
                 module.reset_parameters()
-        up = model.decoder.transposed_convolution
-        last = up[-1] if isinstance(up, nn.Sequential) else up
         with torch.no_grad():
-            last.bias.fill_(math.log(RANDOM_FOREGROUND_PRIOR / (1 - RANDOM_FOREGROUND_PRIOR)))
+            decoder_output_layer(model).bias.fill_(
+                math.log(RANDOM_FOREGROUND_PRIOR / (1 - RANDOM_FOREGROUND_PRIOR))
+            )
         return model
 
 
