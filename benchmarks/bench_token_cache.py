@@ -33,21 +33,6 @@ from tgated.training.distributed import DistContext, resolve_device
 from tgated.training.loop import _Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "model.backbone.hidden_size=192",
-    "model.backbone.num_hidden_layers=6",
-    "model.backbone.num_attention_heads=3",
-    "model.backbone.intermediate_size=768",
-    "model.backbone.text_hidden_size=96",
-    "model.backbone.projection_dim=64",
-    "model.backbone.extract_layers=[1,3,5]",
-    "model.backbone.reduce_dim=32",
-    "model.backbone.image_size=0",
-    "model.adapt_layers=[5]",
-    "model.adapter_config.dim=128",
-    "model.adapter_config.ffn_dim=512",
-    "model.preprocess.image_size=224",
-]
 
 
 def config(root: Path, model: str, steps: int, batch: int, k: int, device: str) -> ExperimentConfig:
@@ -61,7 +46,12 @@ def config(root: Path, model: str, steps: int, batch: int, k: int, device: str) 
         f"train.device={device}",
         f"model.context={k}",
     ]
-    return apply_overrides(cfg, overrides + (SMALL if model == "small" else []))
+    cfg = apply_overrides(cfg, overrides)
+    if model == "small":  # the small model of bench_encoder_sharing.py (same folder)
+        from bench_encoder_sharing import model_config
+
+        cfg.model = model_config("small", k)
+    return cfg
 
 
 def timed_epoch(cfg: ExperimentConfig, cache: str, run: Path) -> tuple[float, float, float]:
