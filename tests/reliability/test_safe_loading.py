@@ -257,3 +257,13 @@ def test_stale_temporaries_of_named_targets_only(tmp_path):
     assert [p.name for p in removed] == [".a.nii.gz.tmp-x1y2.nii.gz", ".b[1].nii.gz.tmp-x1y2.nii.gz"]
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == [".c.nii.gz.tmp-x1y2.nii.gz", ".provenance.lock", "a.nii.gz", "b[1].nii.gz", "c.nii.gz"]
+
+
+def test_stale_temporary_folders_are_removed_too(tmp_path):
+    """replace_dir writes a folder through ``.NAME.tmp-*``: a kill leaves a folder behind."""
+    (tmp_path / "model").mkdir()
+    half = tmp_path / ".model.tmp-abc"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half")
+    removed = remove_stale_temporaries(tmp_path, ["model"])
+    assert removed == [half] and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -11,6 +11,7 @@ import torch
 
 from tests.training.conftest import TINY_CONFIG, no_dropout
 from tgated.config import dump_yaml
+from tgated.io.files import is_temporary
 from tgated.training import TrainResult, train
 from tgated.training.checkpoint import load_checkpoint
 
@@ -219,3 +220,19 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     assert main(["train", "cfg.yaml", "--out", str(tmp_path / "run"), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert f"continue with tgated train cfg.yaml --out {tmp_path / 'run'} --resume" in err
+
+
+def test_resume_removes_leftovers_of_a_killed_write(tiny_cfg, tmp_path):
+    """A kill during an atomic write leaves ``.NAME.tmp-*`` (a file, or a folder for model/): resuming
+    removes them; the complete files stay."""
+    run = tmp_path / "run"
+    train(tiny_cfg("train.epochs=1", "train.steps_per_epoch=1"), out=run, quiet=True)
+    leftovers = [run / "checkpoints" / ".last.pt.tmp-x1", run / ".log.csv.tmp-x2", run / ".model.tmp-x3"]
+    leftovers[0].write_bytes(b"half")
+    leftovers[1].write_text("half")
+    leftovers[2].mkdir()
+    (leftovers[2] / "config.json").write_text("{")
+    result = train(tiny_cfg("train.epochs=2", "train.steps_per_epoch=1"), out=run, resume=True, quiet=True)
+    assert result.epochs == 2
+    assert not any(p.exists() for p in leftovers)
+    assert not any(is_temporary(p) for p in run.rglob("*"))

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -70,11 +71,12 @@ def is_temporary(path: str | os.PathLike) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
-    """Delete the leftovers (``.NAME.tmp-*``) of interrupted atomic writes of the files ``names``.
+    """Delete the leftovers (``.NAME.tmp-*``, files or folders) of interrupted atomic writes of the
+    targets ``names``.
 
     Only the temporaries of the given targets are touched, so a process never removes a file that
     another process (e.g. another rank writing other cases into the same folder) is writing.
-    Returns the files removed.
+    Returns the paths removed.
     """
     p = Path(folder)
     if not p.is_dir():
@@ -82,9 +84,13 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) ->
     removed = []
     for name in set(names):
         for f in p.glob(f".{glob.escape(name)}{TMP_MARK}*"):
-            if f.is_file() and is_temporary(f):
+            if not is_temporary(f):
+                continue
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
                 f.unlink(missing_ok=True)
-                removed.append(f)
+            removed.append(f)
     if removed:
         logger.info("%s: removed %d leftover(s) of an interrupted run", p, len(removed))
     return sorted(removed)

@@ -78,7 +78,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tgated.config import ConfigError, ExperimentConfig, apply_overrides, dump_yaml, load_config, to_dict
-from tgated.io.files import atomic_write_json, atomic_write_text, is_temporary
+from tgated.io.files import atomic_write_json, atomic_write_text, is_temporary, remove_stale_temporaries
 from tgated.organs import Organ
 from tgated.training.augment import (
     Transform,
@@ -528,6 +528,11 @@ class _Trainer:
             "samples: %d positive, %d negative (slice, organ) pairs", len(self.index.pos), len(self.index.neg)
         )
         if self.ctx.is_main:  # the data is usable: now the run folder is created
+            # leftovers of a run killed while writing (atomic writes: the targets themselves are whole)
+            remove_stale_temporaries(
+                self.run, ["config.yaml", "splits.json", "log.csv", "val.json", "model", "model.old"]
+            )
+            remove_stale_temporaries(self.run / "checkpoints", ["last.pt"])
             self.run.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run / "config.yaml", dump_yaml(cfg))
             write_splits(self.run / "splits.json", self.splits)
