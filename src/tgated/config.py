@@ -92,7 +92,7 @@ class BackboneConfig:
 
 @dataclass
 class AdapterConfig:
-    """Sizes of the T-Gated adapter (DESIGN §5); defaults reproduce the published adapter."""
+    """Sizes of the T-Gated adapter (docs/architecture.md, Model); defaults reproduce the published adapter."""
 
     dim: int = 256
     layers: int = 4

@@ -1,7 +1,7 @@
 """Score a folder of predictions against a dataset's ground truth: ``metrics.csv`` + ``summary.json``.
 
-DESIGN §6 and §7. Predictions are ``<case id>.nii.gz`` label maps in canonical organ ids (0 =
-background, 1-13 as in :mod:`tgated.organs`), matched to the ground-truth cases that
+See docs/architecture.md (Metrics, Files). Predictions are ``<case id>.nii.gz`` label maps in
+canonical organ ids (0 = background, 1-13 as in :mod:`tgated.organs`), matched to the ground-truth cases that
 :func:`tgated.data.datasets.ground_truth_cases` finds for the layout (``--gt`` is the dataset root,
 or the label folder for the ``folder`` layout).
 

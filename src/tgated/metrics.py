@@ -1,4 +1,4 @@
-"""Segmentation metrics per organ and per case, with their conventions (DESIGN §6).
+"""Segmentation metrics per organ and per case, with their conventions (docs/architecture.md, Metrics).
 
 All metrics compare a ground-truth mask ``G`` with a predicted mask ``P`` on the ground truth's
 voxel grid; ``spacing`` is the voxel size in mm along the arrays' three axes, in the same order.

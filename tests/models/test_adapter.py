@@ -14,7 +14,7 @@ SMALL = AdapterConfig(dim=32, layers=2, heads=4, ffn_dim=64, spatial_heads=4)
 
 
 def _published_count(c: int, k: int, d: int = 256, layers: int = 4, ffn: int = 1024) -> dict[str, int]:
-    """Hand count of DESIGN §5's adapter."""
+    """Hand count of the adapter of docs/architecture.md, Model."""
     ln = lambda w: 2 * w  # noqa: E731
     lin = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
     layer = lin(d, 3 * d) + lin(d, d) + 2 * ln(d) + lin(d, ffn) + lin(ffn, d)

@@ -1,4 +1,4 @@
-"""Dataset layouts, case discovery, label harmonisation to canonical ids, and splits (DESIGN §3).
+"""Dataset layouts, case discovery, label harmonisation to canonical ids, and splits (docs/architecture.md).
 
 Layouts (``root`` is the dataset root unless said otherwise):
 

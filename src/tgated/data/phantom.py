@@ -1547,7 +1547,7 @@ def write_dataset(
 ) -> list[str]:
     """Write ``cases`` synthetic cases in a dataset layout; returns the case ids written.
 
-    Layouts (see DESIGN.md §3), label ids being the dataset's own (:mod:`tgated.organs`):
+    Layouts (docs/architecture.md), label ids being the dataset's own (:mod:`tgated.organs`):
     ``flare22`` (``images/FLARE22_Tr_XXXX_0000.nii.gz``, ``labels/FLARE22_Tr_XXXX.nii.gz``),
     ``btcv`` (``img/imgXXXX.nii.gz``, ``label/labelXXXX.nii.gz``; no duodenum, portal/splenic vein
     as 10), ``amos`` (``imagesTr/amos_XXXX.nii.gz``, ``labelsTr/...``; MR cases numbered from 501),

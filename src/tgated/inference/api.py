@@ -1,4 +1,4 @@
-"""``tgated predict`` and ``tgated.segment``: files in, DESIGN §7 files out.
+"""``tgated predict`` and ``tgated.segment``: files in, the files of docs/architecture.md out.
 
 Output folder contents:
 

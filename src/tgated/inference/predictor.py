@@ -1,4 +1,4 @@
-"""Volume → label map with the shared-encoder core (DESIGN §1, §5).
+"""Volume → label map with the shared-encoder core (docs/architecture.md).
 
 For one volume in the canonical frame:
 

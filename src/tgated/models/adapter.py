@@ -1,4 +1,4 @@
-"""The T-Gated adjacent-slice adapter (DESIGN §5).
+"""The T-Gated adjacent-slice adapter (docs/architecture.md, Model).
 
 One :class:`TGatedAdapter` turns the encoder tokens of a context window of ``K`` slices into
 adapted tokens for the window's centre slice:

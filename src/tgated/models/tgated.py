@@ -1,4 +1,4 @@
-"""CLIPSeg + T-Gated adapter: composition, shared-encoder inference core, save/load (DESIGN §5).
+"""CLIPSeg + T-Gated adapter: composition, shared-encoder inference core, save/load (docs/architecture.md, Model).
 
 Data flow (one context window of K slices, centre at ``K // 2``, slices ordered inferior →
 superior)::

@@ -1,4 +1,4 @@
-"""``tgated train``: the training loop, the run folder and exact resume (DESIGN §1, §5, §7).
+"""``tgated train``: the training loop, the run folder and exact resume (docs/architecture.md).
 
 What a run does
 ---------------

@@ -6,7 +6,7 @@ slice and the organ's prompt, and learns the organ's mask on the centre slice.
 * **Positives**: every (slice, organ) where the organ has voxels on the model-grid slice.
 * **Negatives**: every (slice, organ) where the organ is labelled by the dataset
   (:attr:`tgated.data.datasets.Case.labelled`) but absent from the slice. An organ the dataset does
-  not label (BTCV's duodenum) is never a sample at all (DESIGN §3).
+  not label (BTCV's duodenum) is never a sample at all (docs/architecture.md, Organs and dataset layouts).
 * Only the model's organs are targets.
 
 Each epoch draws ``n`` samples with replacement: ``round(n · negative_fraction)`` negatives, drawn
