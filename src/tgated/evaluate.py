@@ -48,7 +48,14 @@ from tqdm.auto import tqdm
 
 from tgated import __version__
 from tgated.data.datasets import Case, case_id_from_path, check_layout, ground_truth_cases, load_label
-from tgated.io.files import atomic_write_json, atomic_write_text, is_temporary, read_json, sha256_file
+from tgated.io.files import (
+    atomic_write_json,
+    atomic_write_text,
+    check_inputs_spared,
+    is_temporary,
+    read_json,
+    sha256_file,
+)
 from tgated.io.volumes import NIFTI_SUFFIXES, Volume, check_same_grid, read_volume
 from tgated.metrics import (
     CSV_COLUMNS,
@@ -381,6 +388,14 @@ def evaluate(
             f"{Path(pred)}: {len(orphans)} prediction(s) have no ground truth in {Path(gt)} "
             f"({_listing([predictions[c].name for c in orphans])}); ground-truth case ids are e.g. "
             f"{_listing(sorted(by_id), 3)} — check --dataset / --gt, or name predictions <case id>.nii.gz"
+        )
+    if out is not None:
+        check_inputs_spared(
+            ("--out", out),
+            [("--pred", pred), ("--gt", gt)]
+            + [("--pred", f) for f in predictions.values()]
+            + [("--gt", f) for c in cases for f in (c.label, *c.label_files.values()) if f is not None],
+            writes=[Path(out) / METRICS_CSV, Path(out) / SUMMARY_JSON],
         )
     matched = [c for c in cases if c.case_id in predictions]
     if not matched:

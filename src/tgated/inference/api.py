@@ -43,6 +43,7 @@ from tgated.data.datasets import case_id_from_path
 from tgated.io.files import (
     atomic_path,
     atomic_write_json,
+    check_inputs_spared,
     read_json,
     remove_stale_temporaries,
     safe_join,
@@ -64,6 +65,7 @@ from tgated.organs import LABELS_JSON, ORGAN_BY_ID, ORGAN_BY_NAME, labels_json, 
 logger = logging.getLogger(__name__)
 
 PROVENANCE = "provenance.json"
+LOCK_FILE = ".provenance.lock"
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ def _check_unique(cases: list[InputCase], where: str) -> None:
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".provenance.lock", "a+") as fh:
+    with open(folder / LOCK_FILE, "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -222,6 +224,25 @@ def _probe_inputs(
     return {c.case_id: probe_volume(c.path, series_uid=_series_for(c, series, dicom)) for c in cases}
 
 
+def _check_inputs_spared(
+    given: str | os.PathLike | Sequence[str | os.PathLike],
+    inputs: list[InputCase],
+    out: Path,
+    folder: Path,
+    targets: dict[str, tuple[Path, Path]],
+) -> None:
+    """Refuse an ``--output`` that is an input file or folder, lies in a DICOM series folder, or
+    whose files would replace an input (symbolic links resolved)."""
+    given_paths = list(given) if isinstance(given, (list, tuple)) else [given]
+    check_inputs_spared(
+        ("--output", out),
+        [("--input", p) for p in given_paths] + [("--input", c.path) for c in inputs],
+        writes=[p for pair in targets.values() for p in pair]
+        + [folder / LABELS_JSON, folder / PROVENANCE, folder / LOCK_FILE],
+        not_inside=[("--input", c.path) for c in inputs if c.path.is_dir()],
+    )
+
+
 def _dist_info() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -278,17 +299,18 @@ def predict(
     if modality not in ("auto", "ct", "mr"):
         raise ValueError(f"--modality {modality!r}: expected 'auto', 'ct' or 'mr'")
     organ_list = parse_organs(organs) if organs else None
-    rank, world = _dist_info()
-    mine = inputs[rank::world]
-    dicom = [c for c in inputs if c.path.is_dir()]
-    shapes = _probe_inputs(mine, series, dicom)
     targets = {
         c.case_id: (
             out if single_file else safe_join(folder, f"{c.case_id}.nii.gz", what="case id", source=c.path),
             safe_join(folder, f"{c.case_id}_probs.npz", what="case id", source=c.path),
         )
-        for c in mine
+        for c in inputs
     }
+    _check_inputs_spared(input, inputs, out, folder, targets)
+    rank, world = _dist_info()
+    mine = inputs[rank::world]
+    dicom = [c for c in inputs if c.path.is_dir()]
+    shapes = _probe_inputs(mine, series, dicom)
 
     predictor = Predictor.from_path(mdir, device=device, batch_size=batch_size, quiet=quiet)
     chosen = predictor.organs_for(organ_list)

@@ -180,3 +180,82 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{p}: file does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p}: not valid JSON ({exc})") from None
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name the same file or folder: the same path once symbolic links and
+    ``..`` are resolved, or (both existing) the same inode, which also catches hard links and
+    bind mounts."""
+    pa, pb = Path(a), Path(b)
+    with contextlib.suppress(OSError):
+        if os.path.samefile(pa, pb):
+            return True
+    return pa.resolve() == pb.resolve()
+
+
+def _file_keys(path: str | os.PathLike) -> list[Any]:
+    """What identifies a file for :func:`same_file`: its resolved path, and its inode if it exists."""
+    p = Path(path)
+    keys: list[Any] = [p.resolve()]
+    with contextlib.suppress(OSError):
+        st = p.stat()
+        keys.append((st.st_dev, st.st_ino))
+    return keys
+
+
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """True when ``path`` (symbolic links resolved) is ``folder`` or lies anywhere below it."""
+    p, f = Path(path).resolve(), Path(folder).resolve()
+    return p == f or f in p.parents
+
+
+def check_inputs_spared(
+    output: tuple[str, str | os.PathLike],
+    inputs: Iterable[tuple[str, str | os.PathLike]],
+    *,
+    writes: Iterable[str | os.PathLike] = (),
+    not_inside: Iterable[tuple[str, str | os.PathLike]] = (),
+    not_containing: Iterable[tuple[str, str | os.PathLike]] = (),
+) -> None:
+    """Refuse, before any work, an output that would write over an input.
+
+    ``output`` is ``(flag, path)`` of the output file or folder as the user gave it; ``inputs`` the
+    ``(flag, path)`` of every input file and folder. Raises :class:`ValueError` naming both paths when
+
+    * the output is an input (same path after resolving symbolic links, or the same inode);
+    * one of the files the command will ``write`` is an input file;
+    * the output lies inside one of the ``not_inside`` folders (an input whose every file is read,
+      e.g. a DICOM series folder), or one of the ``not_containing`` folders lies inside the output
+      (an input the command's folder writes could replace, e.g. a dataset inside a run folder).
+    """
+    out_flag, out = output[0], Path(output[1])
+    inputs = [(flag, Path(p)) for flag, p in inputs]
+    shown = f"{out_flag} {out}"
+    if str(out.resolve()) != os.path.abspath(out):
+        shown += f" (resolves to {out.resolve()})"
+    advice = f"writing there would destroy the input — choose another {out_flag}"
+
+    for flag, path in inputs:
+        if same_file(out, path):
+            kind = "folder" if path.is_dir() else "file"
+            raise ValueError(f"{shown}: is the input {kind} {flag} {path}; {advice}")
+    by_key: dict[Any, tuple[str, Path]] = {}
+    for flag, path in inputs:
+        if not path.is_dir():
+            for key in _file_keys(path):
+                by_key.setdefault(key, (flag, path))
+    for target in writes:
+        hit = next((by_key[k] for k in _file_keys(target) if k in by_key), None)
+        if hit is not None:
+            raise ValueError(
+                f"{shown}: the output file {Path(target)} would replace the input file {hit[0]} {hit[1]}; {advice}"
+            )
+    for flag, path in not_inside:
+        if is_within(out, path):
+            raise ValueError(f"{shown}: lies inside the input folder {flag} {Path(path)}; {advice}")
+    for flag, path in not_containing:
+        if is_within(path, out):
+            raise ValueError(
+                f"{shown}: holds the input {flag} {Path(path)}, which the files written there could replace; "
+                f"choose another {out_flag}"
+            )

@@ -78,7 +78,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tgated.config import ConfigError, ExperimentConfig, apply_overrides, dump_yaml, load_config, to_dict
-from tgated.io.files import atomic_write_json, atomic_write_text, is_temporary, remove_stale_temporaries
+from tgated.io.files import (
+    atomic_write_json,
+    atomic_write_text,
+    check_inputs_spared,
+    is_temporary,
+    remove_stale_temporaries,
+)
 from tgated.organs import Organ
 from tgated.training.augment import (
     Transform,
@@ -1038,6 +1044,8 @@ def train(
     every process calls this; rank 0 writes the files.
     """
     cfg = resolve_config(config, overrides)
+    data_inputs = [(f"data.{k}", getattr(cfg.data, k)) for k in ("root", "labels") if getattr(cfg.data, k)]
+    check_inputs_spared(("--out", out), data_inputs, not_containing=data_inputs)
     ctx = init_distributed(cfg.train.device)
     trainer = None
     try:
