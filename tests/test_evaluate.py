@@ -38,6 +38,8 @@ SUMMARY_KEYS = {
     "false_positive_cases",
     "missed_cases",
     "unpredicted_cases",
+    "selection",
+    "modality",
     "scored_organs",
     "pred",
     "gt",

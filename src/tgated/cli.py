@@ -64,6 +64,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         model=args.model,
         input=args.input,
         output=args.output,
+        run=args.run,
+        split=args.split,
+        cases=args.cases,
         organs=args.organs,
         modality=args.modality,
         device=args.device,
@@ -88,12 +91,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         totalseg_task=args.totalseg_task,
         quiet=args.quiet,
         organs=args.organs,
+        run=args.run,
+        split=args.split,
+        cases=args.cases,
+        modality=args.modality,
+        allow_train_cases=args.allow_train_cases,
     )
     if not args.quiet:
-        print(
-            f"{summary['cases']} cases, mean Dice {summary['mean_dice']:.4f}, mean NSD {summary['mean_nsd']:.4f} "
-            f"-> {os.path.join(args.out, 'summary.json')}"
-        )
+        parts = summary.get("by_modality") or {"": summary}
+        for mod, part in parts.items():
+            where = (
+                os.path.join(args.out, mod, "summary.json") if mod else os.path.join(args.out, "summary.json")
+            )
+            print(
+                f"{mod.upper() + ': ' if mod else ''}{part['cases']} cases, mean Dice {part['mean_dice']:.4f}, "
+                f"mean NSD {part['mean_nsd']:.4f} -> {where}"
+            )
     return 0
 
 
@@ -123,6 +136,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or status messages")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def _selection(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--run", default=None, help="training run whose splits.json --split reads")
+    p.add_argument(
+        "--split", choices=("train", "val", "test"), default=None, help=f"{verb} only this split of --run"
+    )
+    p.add_argument(
+        "--cases", default=None, help=f"{verb} only these case ids: ID,ID,... or a file of ids (one a line)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,9 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("predict", help="segment volumes (NIfTI files, folders, DICOM series)")
-    p.add_argument("--model", required=True, help="run folder or model folder")
-    p.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, or DICOM series folder")
+    p.add_argument("--model", default=None, help="run folder or model folder (default: --run)")
+    p.add_argument(
+        "--input",
+        default=None,
+        help="NIfTI file, folder of NIfTI files, or DICOM series folder (default with --run: the run's dataset)",
+    )
     p.add_argument("--output", required=True, help="output file (single input) or folder")
+    _selection(p, "predict")
     p.add_argument(
         "--organs", default=None, help="comma-separated organ names (default: all the model knows)"
     )
@@ -201,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--organs",
         default=None,
         help="organs to score, e.g. liver,spleen, or 'all' (default: those in the predictions' labels.json)",
+    )
+    _selection(p, "score")
+    p.add_argument(
+        "--modality",
+        choices=("ct", "mr"),
+        default=None,
+        help="score the cases of one modality (default: each modality on its own, never averaged together)",
+    )
+    p.add_argument(
+        "--allow-train-cases",
+        action="store_true",
+        help="score cases of the training split of the run that made the predictions (an error otherwise)",
     )
     p.add_argument("--out", required=True, help="output folder")
     _common(p)

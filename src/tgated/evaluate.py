@@ -246,7 +246,7 @@ def score_case_files(
     check_protocol(protocol)
     gt = load_label(case)
     pred_vol = read_volume(prediction, label=True)
-    check_same_grid(pred_vol, gt)
+    check_same_grid(pred_vol, gt, case=case.case_id)
     pred = _check_prediction(pred_vol)
     scored = [o for o in case.labelled if organs is None or o in organs]
     if protocol == "flare22":
@@ -332,6 +332,150 @@ def _json_safe(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# which cases: selection, modality, training cases
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_selection(
+    selection, predictions: dict[str, Path], by_id: dict[str, Case], pred: Path, gt: Path
+) -> None:
+    no_gt = [cid for cid in selection.ids if cid not in by_id]
+    if no_gt:
+        raise ValueError(
+            f"{gt}: {len(no_gt)} case(s) of {selection.source} have no ground truth ({_listing(no_gt)}); "
+            f"ground-truth case ids are e.g. {_listing(sorted(by_id), 3)} — check --gt / --dataset"
+        )
+    no_pred = [cid for cid in selection.ids if cid not in predictions]
+    if no_pred:
+        raise ValueError(
+            f"{pred}: {len(no_pred)} case(s) of {selection.source} have no prediction ({_listing(no_pred)}); "
+            "predict them first (tgated predict takes the same --run/--split/--cases)"
+        )
+    left_out = len(predictions) - len(selection.ids)
+    if left_out:
+        logger.info(
+            "scoring the %d case(s) of %s; %d other prediction(s) left out",
+            len(selection.ids),
+            selection.source,
+            left_out,
+        )
+
+
+def _of_modality(gt_cases: list[Case], modality: str, dataset: str, gt: Path) -> list[Case]:
+    unknown = [c.case_id for c in gt_cases if c.modality is None]
+    if unknown:
+        raise ValueError(
+            f"--modality {modality}: the {dataset} layout does not say the modality of {len(unknown)} case(s) "
+            f"in {gt} ({_listing(unknown)}); drop --modality, or select the cases with --cases"
+        )
+    return [c for c in gt_cases if c.modality == modality]
+
+
+def training_cases(pred_dir: Path) -> tuple[str | None, list[str]]:
+    """(run, its training case ids) of the run whose model made the predictions in ``pred_dir``, from
+    ``provenance.json`` (``model.run`` and ``model.train_cases``, written by ``tgated predict``; a
+    run folder that still exists is read again); (None, []) when the provenance names no run."""
+    from tgated.data.datasets import run_splits
+
+    path = pred_dir / PROVENANCE_JSON
+    if not path.is_file():
+        return None, []
+    try:
+        prov = read_json(path)
+    except (OSError, ValueError):
+        return None, []
+    model = prov.get("model") if isinstance(prov, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("run"), str):
+        return None, []
+    run = model["run"]
+    recorded = model.get("train_cases")
+    ids = [str(c) for c in recorded] if isinstance(recorded, list) else []
+    if (Path(run) / "splits.json").is_file():
+        ids = sorted(set(ids) | set(run_splits(run)["train"]))
+    return run, ids
+
+
+def _check_training_cases(pred_dir: Path, scored: list[str], allow: bool) -> None:
+    run, train = training_cases(pred_dir)
+    leaked = sorted(set(scored) & set(train))
+    if not leaked:
+        return
+    message = (
+        f"{pred_dir}: {len(leaked)} scored case(s) are in the training split of the run that made the "
+        f"predictions ({run}): {_listing(leaked)}"
+    )
+    if not allow:
+        raise ValueError(
+            f"{message}; a score on training cases is not a test score — select the cases with "
+            f"--run {run} --split test (or --cases), or pass --allow-train-cases to score them anyway"
+        )
+    logger.warning("%s; scored anyway (--allow-train-cases)", message)
+
+
+def _evaluate_by_modality(
+    pred,
+    gt,
+    dataset,
+    protocol,
+    out,
+    totalseg_task,
+    quiet,
+    ids,
+    *,
+    organs,
+    workers,
+    allow_train_cases,
+    selection,
+) -> dict[str, Any]:
+    """CT and MR cases scored apart (``out/ct``, ``out/mr``), never averaged together."""
+    logger.warning(
+        "%s holds CT and MR cases; they are scored separately (out/ct, out/mr) and never averaged together "
+        "— pass --modality ct|mr to score one",
+        Path(gt),
+    )
+    parts: dict[str, dict[str, Any]] = {}
+    for mod in ("ct", "mr"):
+        parts[mod] = evaluate(
+            pred,
+            gt,
+            dataset,
+            protocol,
+            None if out is None else Path(out) / mod,
+            totalseg_task,
+            quiet,
+            organs=organs,
+            workers=workers,
+            cases=list(ids),
+            modality=mod,
+            allow_train_cases=allow_train_cases,
+        )
+    summary = {
+        "dataset": dataset,
+        "protocol": protocol,
+        "cases": sum(p["cases"] for p in parts.values()),
+        "mean_dice": math.nan,
+        "mean_nsd": math.nan,
+        "mean_hd95": math.nan,
+        "organs": {},
+        "by_modality": parts,
+        "selection": selection.source if selection is not None else None,
+        "modality": None,
+        "pred": str(Path(pred)),
+        "gt": str(Path(gt)),
+        "totalseg_task": totalseg_task,
+        "tool_version": __version__,
+    }
+    if out is not None:
+        out_dir = Path(out)
+        rows = "".join(
+            (out_dir / mod / METRICS_CSV).read_text(encoding="utf-8").split("\n", 1)[1] for mod in parts
+        )
+        atomic_write_text(out_dir / METRICS_CSV, ",".join(CSV_COLUMNS) + "\n" + rows)
+        atomic_write_json(out_dir / SUMMARY_JSON, _json_safe(summary))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
 
@@ -347,6 +491,11 @@ def evaluate(
     *,
     organs: str | Sequence[str] | None = None,
     workers: int | None = None,
+    run: str | os.PathLike | None = None,
+    split: str | None = None,
+    cases: str | Sequence[str] | None = None,
+    modality: str | None = None,
+    allow_train_cases: bool = False,
 ) -> dict[str, Any]:
     """Score the predictions in ``pred`` against the ground truth of ``dataset`` found under ``gt``.
 
@@ -363,25 +512,46 @@ def evaluate(
             default: those of ``pred/labels.json``, else all.
         workers: worker processes (default: one per CPU up to 4 when there are at least 4 cases per
             worker, else in-process). Output order does not depend on it.
+        run, split, cases: score only these cases (:func:`tgated.data.datasets.select_cases`): the
+            ``split`` of ``RUN/splits.json``, or a list of ids (a comma list or a file of ids). Each
+            must have a prediction; other predictions in ``pred`` are left out.
+        modality: ``ct`` or ``mr``: score only the cases of that modality (by the layout's rule, e.g.
+            AMOS ids above 500 are MR). Without it, cases of both modalities are never averaged
+            together: each is scored on its own (``out/ct``, ``out/mr``) and the summary holds both
+            under ``by_modality``, its own means left undefined.
+        allow_train_cases: score cases of the training split of the run that made the predictions
+            (named by ``pred/provenance.json``); without it that is an error, so that a test score
+            never includes a training case.
 
     Returns:
         The summary written to ``summary.json``: ``dataset``, ``protocol``, ``cases`` (number scored),
         ``mean_dice``, ``mean_nsd``, ``mean_hd95``, ``organs`` ({name: {dice, nsd, hd95, n, n_nsd,
         n_hd95, n_both_empty, false_positive_cases, missed_cases}}), the totals ``n_both_empty``,
         ``false_positive_cases`` and ``missed_cases``, ``unpredicted_cases`` (ground-truth case ids
-        without a prediction), ``pred``, ``gt``, ``totalseg_task``, ``tool_version``, and ``model``
-        ({hash, name} from the prediction folder's ``provenance.json``, when present). Undefined
-        values are NaN here and ``null`` in ``summary.json``.
+        without a prediction), ``selection`` (where the chosen cases came from, or null),
+        ``modality`` (``ct``, ``mr``, or null when the cases do not say or mix both), ``pred``,
+        ``gt``, ``totalseg_task``, ``tool_version``, and ``model`` ({hash, name} from the prediction
+        folder's ``provenance.json``, when present). Undefined values are NaN here and ``null`` in
+        ``summary.json``.
     """
+    from tgated.data.datasets import select_cases
+
     check_layout(dataset)
     check_protocol(protocol)
     if totalseg_task is not None and dataset != "totalseg":
         raise ValueError(
             f"--totalseg-task {totalseg_task!r} applies to the totalseg dataset only, not {dataset!r}; drop it"
         )
+    if modality not in (None, "ct", "mr"):
+        raise ValueError(f"--modality {modality!r}: expected 'ct' or 'mr'")
+    selection = select_cases(run=run, split=split, cases=cases)
     predictions = prediction_files(pred)
-    cases = ground_truth_cases(gt, dataset, totalseg_task=totalseg_task)
-    by_id = {c.case_id: c for c in cases}
+    gt_cases = ground_truth_cases(gt, dataset, totalseg_task=totalseg_task)
+    by_id = {c.case_id: c for c in gt_cases}
+    if selection is not None:
+        _check_selection(selection, predictions, by_id, Path(pred), Path(gt))
+        predictions = {cid: predictions[cid] for cid in selection.ids}
+        gt_cases = [c for c in gt_cases if c.case_id in predictions]
     orphans = sorted(cid for cid in predictions if cid not in by_id)
     if orphans:
         raise ValueError(
@@ -389,19 +559,42 @@ def evaluate(
             f"({_listing([predictions[c].name for c in orphans])}); ground-truth case ids are e.g. "
             f"{_listing(sorted(by_id), 3)} — check --dataset / --gt, or name predictions <case id>.nii.gz"
         )
+    if modality is not None:
+        gt_cases = _of_modality(gt_cases, modality, dataset, Path(gt))
+        predictions = {c.case_id: predictions[c.case_id] for c in gt_cases if c.case_id in predictions}
     if out is not None:
         check_inputs_spared(
             ("--out", out),
             [("--pred", pred), ("--gt", gt)]
             + [("--pred", f) for f in predictions.values()]
-            + [("--gt", f) for c in cases for f in (c.label, *c.label_files.values()) if f is not None],
+            + [("--gt", f) for c in gt_cases for f in (c.label, *c.label_files.values()) if f is not None],
             writes=[Path(out) / METRICS_CSV, Path(out) / SUMMARY_JSON],
         )
-    matched = [c for c in cases if c.case_id in predictions]
+    matched = [c for c in gt_cases if c.case_id in predictions]
     if not matched:
-        raise ValueError(f"{Path(pred)}: no prediction matches a ground-truth case of {Path(gt)}")
+        raise ValueError(
+            f"{Path(pred)}: no prediction matches a ground-truth case of {Path(gt)}"
+            + (f" of modality {modality}" if modality else "")
+        )
+    _check_training_cases(Path(pred), [c.case_id for c in matched], allow_train_cases)
+    mixed = sorted({c.modality for c in matched if c.modality is not None})
+    if modality is None and len(mixed) > 1:
+        return _evaluate_by_modality(
+            pred,
+            gt,
+            dataset,
+            protocol,
+            out,
+            totalseg_task,
+            quiet,
+            [c.case_id for c in matched],
+            organs=organs,
+            workers=workers,
+            allow_train_cases=allow_train_cases,
+            selection=selection,
+        )
     check_provenance(Path(pred), predictions)
-    unpredicted = [c.case_id for c in cases if c.case_id not in predictions]
+    unpredicted = [c.case_id for c in gt_cases if c.case_id not in predictions]
     if unpredicted:
         logger.warning(
             "%d ground-truth case(s) have no prediction and are not scored: %s",
@@ -457,6 +650,8 @@ def evaluate(
         "false_positive_cases": sum(int(o["false_positive_cases"]) for o in organs.values()),
         "missed_cases": sum(int(o["missed_cases"]) for o in organs.values()),
         "unpredicted_cases": unpredicted,
+        "selection": selection.source if selection is not None else None,
+        "modality": mixed[0] if len(mixed) == 1 else None,
         "scored_organs": list(chosen) if chosen is not None else None,
         "pred": str(Path(pred)),
         "gt": str(Path(gt)),

@@ -192,3 +192,20 @@ def test_splits_file_round_trip_and_validation(tmp_path):
     p.write_text(json.dumps({"train": ["a"], "val": ["a"]}))
     with pytest.raises(ValueError, match="'a' is in both"):
         read_splits(p)
+
+
+def test_label_header_noise_is_a_warning_naming_the_case_and_a_voxel_shift_an_error(tmp_path, caplog):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    write_nifti(tmp_path / "images" / "FLARE22_Tr_0001_0000.nii.gz", np.zeros(SHAPE, np.int16), lps_affine())
+    noisy = lps_affine(origin=(120.0, -40.0 + 1e-3, -300.0))
+    write_nifti(tmp_path / "labels" / "FLARE22_Tr_0001.nii.gz", _labels_with([1]), noisy)
+    (case,) = discover(tmp_path, "flare22")
+    with caplog.at_level("WARNING", logger="tgated.io.volumes"):
+        _, label = load_case(case)
+    assert int(label.data.sum()) == 1
+    assert "case FLARE22_Tr_0001: " in caplog.text and "float noise" in caplog.text
+    off = lps_affine(origin=(120.0, -40.0 - 0.9, -300.0))  # one voxel (0.9 mm) along y
+    write_nifti(tmp_path / "labels" / "FLARE22_Tr_0001.nii.gz", _labels_with([1]), off)
+    with pytest.raises(ValueError, match=r"case FLARE22_Tr_0001: .*geometry does not match.*1 voxel apart"):
+        load_case(case)

@@ -1,5 +1,6 @@
 import gzip
 import itertools
+import re
 
 import nibabel as nib
 import numpy as np
@@ -184,3 +185,50 @@ def test_all_orientations_round_trip():
             vol = volume_from_array(data, aff)
             np.testing.assert_array_equal(vol.data, canon)
             np.testing.assert_array_equal(vol.to_original(vol.data), data)
+
+
+def _with(affine, origin_shift=(0.0, 0.0, 0.0), rotation_rad=0.0):
+    """``affine`` with its origin moved by ``origin_shift`` mm and its axes rotated about z (about the first voxel)."""
+    out = affine.copy()
+    c, s = np.cos(rotation_rad), np.sin(rotation_rad)
+    out[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ out[:3, :3]
+    out[:3, 3] += origin_shift
+    return out
+
+
+def test_header_float_noise_loads_with_a_warning_giving_the_size(tmp_path, caplog):
+    write_nifti(tmp_path / "img.nii.gz", np.zeros((4, 3, 2), np.int16), lps_affine())
+    write_nifti(tmp_path / "lab.nii.gz", np.zeros((4, 3, 2), np.uint8), _with(lps_affine(), (1e-3, 0, 0)))
+    image = read_volume(tmp_path / "img.nii.gz")
+    with caplog.at_level("WARNING", logger="tgated.io.volumes"):
+        check_same_grid(read_volume(tmp_path / "lab.nii.gz", label=True), image, case="case07")
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("case case07: ") and "lab.nii.gz" in message and "img.nii.gz" in message
+    # 1e-3 mm along x with 0.8 mm voxels: 1e-3 mm, 1.25e-3 voxel (float32 storage moves the 4th digit)
+    mm, voxels = re.search(r"up to ([0-9.e-]+) mm apart, ([0-9.e-]+) voxel", message).groups()
+    assert float(mm) == pytest.approx(1e-3, rel=2e-3) and float(voxels) == pytest.approx(1.25e-3, rel=2e-3)
+
+
+def test_direction_noise_is_measured_at_the_far_corner(caplog):
+    # axes rotated by 1e-4 rad about the first voxel: it stays put, while the far corner (3, 2, k),
+    # 3.0 mm from it in-plane (2.4 mm along x, 1.8 along y), moves by 3e-4 mm
+    a = volume_from_array(np.zeros((4, 3, 2)), lps_affine(), source="a")
+    b = volume_from_array(np.zeros((4, 3, 2)), _with(lps_affine(), rotation_rad=1e-4), source="b")
+    with caplog.at_level("WARNING", logger="tgated.io.volumes"):
+        check_same_grid(b, a)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("b: header differs from a by float noise (voxel positions up to 0.0003 mm")
+
+
+@pytest.mark.parametrize("shift_voxels", [1.0, 0.5, 0.1])
+def test_a_grid_off_by_a_fraction_of_a_voxel_or_more_is_an_error(tmp_path, shift_voxels):
+    spacing_x = float(np.linalg.norm(lps_affine()[:3, 0]))
+    write_nifti(tmp_path / "img.nii.gz", np.zeros((4, 3, 2), np.int16), lps_affine())
+    shifted = _with(lps_affine(), (shift_voxels * spacing_x, 0, 0))
+    write_nifti(tmp_path / "lab.nii.gz", np.zeros((4, 3, 2), np.uint8), shifted)
+    with pytest.raises(
+        ValueError, match=rf"case c1: .*lab.nii.gz: geometry does not match .*{shift_voxels:g} voxel"
+    ):
+        check_same_grid(
+            read_volume(tmp_path / "lab.nii.gz", label=True), read_volume(tmp_path / "img.nii.gz"), case="c1"
+        )

@@ -493,7 +493,7 @@ def load_label(case: Case, reference: Volume | None = None) -> Volume:
     if case.label is not None:
         lab = read_volume(case.label, label=True)
         if reference is not None:
-            check_same_grid(lab, reference)
+            check_same_grid(lab, reference, case=case.case_id)
         data = O.remap_labels(lab.data, case.label_map, strict=case.strict_labels, source=str(case.label))
         return lab.like(data)
     if case.label_files:
@@ -503,7 +503,7 @@ def load_label(case: Case, reference: Volume | None = None) -> Volume:
             mask = read_volume(path, label=True)
             ref = reference if reference is not None else out
             if ref is not None:
-                check_same_grid(mask, ref)
+                check_same_grid(mask, ref, case=case.case_id)
             if out is None:
                 out = mask
                 data = np.zeros(mask.shape, dtype=np.uint8)
@@ -600,3 +600,84 @@ def read_splits(path: str | os.PathLike, available: Iterable[str] | None = None)
         if unknown:
             raise ValueError(f"{p}: {len(unknown)} case ids are not in the dataset (e.g. {unknown[:5]})")
     return splits
+
+
+# ---------------------------------------------------------------------------------------------
+# case selection (predict / evaluate --run --split, --cases)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaseSelection:
+    """The case ids a command is restricted to, and where they come from (for messages)."""
+
+    ids: tuple[str, ...]
+    source: str
+    """E.g. ``the test split of RUN/splits.json`` or ``--cases``."""
+    split: str | None = None
+    run: Path | None = None
+
+
+def run_splits(run: str | os.PathLike) -> dict[str, list[str]]:
+    """The split a training run used (``RUN/splits.json``)."""
+    path = Path(run) / "splits.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: does not exist; --run expects a run folder written by tgated train (it records its split there)"
+        )
+    return read_splits(path)
+
+
+def _read_id_list(text: str) -> list[str]:
+    ids = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        ids += [t for t in re.split(r"[,\s]+", line) if t]
+    return ids
+
+
+def select_cases(
+    *,
+    run: str | os.PathLike | None = None,
+    split: str | None = None,
+    cases: str | Sequence[str] | None = None,
+) -> CaseSelection | None:
+    """The cases named by ``--run RUN --split NAME`` (from ``RUN/splits.json``) or ``--cases``; None
+    when neither is given.
+
+    ``cases`` is a list of ids, a comma-separated string, or the path of a text file with ids
+    separated by commas, spaces or new lines (``#`` starts a comment).
+    """
+    if split is not None and cases is not None:
+        raise ValueError("--split and --cases both choose the cases; give one of them")
+    if split is not None:
+        if split not in SPLIT_NAMES:
+            raise O._unknown("split", split, SPLIT_NAMES)
+        if run is None:
+            raise ValueError(
+                f"--split {split}: needs --run RUN, the training run whose splits.json names the cases"
+            )
+        ids = run_splits(run)[split]
+        if not ids:
+            raise ValueError(f"{Path(run) / 'splits.json'}: the {split} split is empty; nothing to select")
+        return CaseSelection(
+            tuple(ids), f"the {split} split of {Path(run) / 'splits.json'}", split, Path(run)
+        )
+    if cases is None:
+        return None
+    if isinstance(cases, str):
+        path = Path(cases)
+        if path.is_file():
+            ids, source = _read_id_list(path.read_text(encoding="utf-8")), f"--cases {path}"
+        else:
+            ids, source = _read_id_list(cases.replace(",", " ")), "--cases"
+    else:
+        ids, source = [str(c) for c in cases], "--cases"
+    if not ids:
+        raise ValueError(f"--cases {cases!r}: no case ids; expected ID,ID,... or a file with one id per line")
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"{source}: case ids listed more than once: {dupes[:5]}")
+    for cid in ids:
+        safe_name(cid, what="case id", source=source)
+    return CaseSelection(tuple(ids), source, None, Path(run) if run is not None else None)

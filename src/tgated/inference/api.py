@@ -261,11 +261,58 @@ def write_probabilities(path: Path, prediction, volume: Volume) -> None:
         np.savez_compressed(fh, **arrays)
 
 
+def _run_dataset_images(run: Path) -> list[Path]:
+    """The image files of the dataset a run was trained on (``RUN/config.yaml``'s ``data``)."""
+    from tgated.config import ConfigError, load_config
+    from tgated.data.datasets import discover
+
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"--run {run}: no config.yaml; expected a run folder written by tgated train")
+    try:
+        data = load_config(cfg_file).data
+    except ConfigError as exc:
+        raise ValueError(
+            f"{cfg_file}: cannot be read to find the run's dataset ({exc}); give --input"
+        ) from None
+    cases = discover(
+        data.root,
+        data.layout,
+        labels=data.labels or None,
+        totalseg_task=data.totalseg_task or None,
+        need_labels=False,
+    )
+    return [c.image for c in cases if c.image is not None]
+
+
+def select_inputs(inputs: list[InputCase], selection, where: str) -> list[InputCase]:
+    """The inputs whose case ids ``selection`` (:class:`~tgated.data.datasets.CaseSelection`) names;
+    a selected id without an input is an error (a score on fewer cases than asked for is no score)."""
+    by_id = {c.case_id: c for c in inputs}
+    missing = [cid for cid in selection.ids if cid not in by_id]
+    if missing:
+        raise ValueError(
+            f"{where}: {len(missing)} case(s) of {selection.source} are not among the inputs "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); inputs are e.g. "
+            f"{', '.join(sorted(by_id)[:3])} — check --input"
+        )
+    return [by_id[cid] for cid in sorted(selection.ids)]
+
+
+def run_of_model(model_dir: Path) -> Path | None:
+    """The training run a saved model belongs to (``RUN/model`` next to ``RUN/splits.json``), if any."""
+    run = model_dir.resolve().parent
+    return run if (run / "splits.json").is_file() and model_dir.name == "model" else None
+
+
 def predict(
-    model: str | os.PathLike,
-    input: str | os.PathLike | Sequence[str | os.PathLike],
+    model: str | os.PathLike | None,
+    input: str | os.PathLike | Sequence[str | os.PathLike] | None,
     output: str | os.PathLike,
     *,
+    run: str | os.PathLike | None = None,
+    split: str | None = None,
+    cases: str | Sequence[str] | None = None,
     organs: str | list[str] | None = None,
     modality: str = "auto",
     device: str = "auto",
@@ -278,6 +325,12 @@ def predict(
     """Segment a file, a DICOM series folder, a folder of them (or a list of any of these); returns the
     label files written.
 
+    ``run``, ``split``, ``cases``: predict only some cases (see
+    :func:`tgated.data.datasets.select_cases`): ``run`` + ``split`` takes the ids of that split of
+    ``RUN/splits.json``, ``cases`` a list of ids; ``model`` defaults to ``run`` and ``input`` to the
+    images of the dataset the run was trained on. The output's ``provenance.json`` names the run and
+    its training cases, so that ``tgated evaluate`` can refuse to score them.
+
     ``output`` is a file name (``.nii.gz``) for a single input, else a folder. Problems that the
     inputs' headers show (not an image, not 3-D, DICOM series choice, ``series`` held by no input) and
     cases too large for the available memory raise before anything is written; a file found corrupt
@@ -285,10 +338,24 @@ def predict(
     """
     from tqdm.auto import tqdm
 
+    from tgated.data.datasets import select_cases
     from tgated.inference.predictor import Predictor
 
-    mdir = _model_dir(model)
-    inputs = find_inputs(input)
+    if model is None and run is None:
+        raise ValueError("--model: not given; name the model (a run or model folder), or give --run RUN")
+    mdir = _model_dir(model if model is not None else run)
+    selection = select_cases(run=run, split=split, cases=cases)
+    if input is None:
+        if run is None:
+            raise ValueError(
+                "--input: not given; name the images, or give --run RUN to predict its dataset's"
+            )
+        inputs = find_inputs(_run_dataset_images(Path(run)))
+    else:
+        inputs = find_inputs(input)
+    if selection is not None:
+        inputs = select_inputs(inputs, selection, f"--input {input}" if input is not None else f"--run {run}")
+        logger.info("predicting %d case(s): %s", len(inputs), selection.source)
     out = Path(output)
     single_file = out.name.lower().endswith((".nii.gz", ".nii"))
     if single_file and len(inputs) > 1:
@@ -318,6 +385,12 @@ def predict(
         predictor.check_memory(shapes[c.case_id], len(chosen), save_probabilities, source=str(c.path))
     mhash = model_hash(mdir)
     minfo = {"path": str(mdir.resolve()), "hash": mhash, "config": to_dict(predictor.model.config)}
+    model_run = run_of_model(mdir)
+    if model_run is not None:
+        from tgated.data.datasets import run_splits
+
+        minfo["run"] = str(model_run)
+        minfo["train_cases"] = run_splits(model_run)["train"]
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder, [p.name for pair in targets.values() for p in pair])
     _write_labels_json(folder, chosen)
