@@ -373,7 +373,9 @@ def predict(
         )
         for c in inputs
     }
-    _check_inputs_spared(input, inputs, out, folder, targets)
+    _check_inputs_spared(
+        input if input is not None else [c.path for c in inputs], inputs, out, folder, targets
+    )
     rank, world = _dist_info()
     mine = inputs[rank::world]
     dicom = [c for c in inputs if c.path.is_dir()]
