@@ -1,0 +1,35 @@
+"""Experiments: train → predict → evaluate → report pipelines, resumable (docs/architecture.md).
+
+* :mod:`tgated.experiments.demo`: ``tgated demo``, the embedded CPU demo.
+* :mod:`tgated.experiments.evidence`: ``tgated experiment evidence``, the pre-registered CPU
+  experiment that asks whether the adjacent-slice context is used and helps.
+
+Names are re-exported lazily so that ``import tgated.experiments`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DEMO_ORGANS": "tgated.experiments.demo",
+    "DemoResult": "tgated.experiments.demo",
+    "demo_config": "tgated.experiments.demo",
+    "describe": "tgated.experiments.demo",
+    "run_demo": "tgated.experiments.demo",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tgated.experiments' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
