@@ -75,6 +75,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         series=args.series,
         batch_size=args.batch_size,
         quiet=args.quiet,
+        output_type=args.output_type,
+        statistics=args.statistics,
+        preview=args.preview,
     )
     return 0
 
@@ -211,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo cases that were already predicted")
     p.add_argument("--series", default=None, help="DICOM series instance UID when a folder holds several")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default: 16)")
+    p.add_argument(
+        "--output-type",
+        choices=("multilabel", "per-organ", "both", "seg-nrrd"),
+        default="multilabel",
+        help="multilabel: <case>.nii.gz (default); per-organ: <case>/<organ>.nii.gz (0/1); both; "
+        "seg-nrrd: <case>.seg.nrrd for 3D Slicer",
+    )
+    p.add_argument(
+        "--statistics",
+        action="store_true",
+        help="per organ volume (ml), intensity mean/sd/p5/p95, slice range, largest component share: "
+        "<case>_statistics.json and statistics.csv",
+    )
+    p.add_argument(
+        "--preview", action="store_true", help="<case>_preview.png: axial, coronal, sagittal views"
+    )
     _common(p)
     p.set_defaults(func=_cmd_predict)
 

@@ -51,6 +51,42 @@ ORGAN_BY_NAME: dict[str, Organ] = {o.name: o for o in ORGANS}
 ORGAN_BY_ID: dict[int, Organ] = {o.id: o for o in ORGANS}
 NUM_ORGANS = len(ORGANS)
 
+# Display colours (red, green, blue; 0-255), one per organ: the single colour table used by previews,
+# report overlays, the 3D Slicer / ITK-SNAP colour tables and ``.seg.nrrd`` segments. Chosen so that
+# neighbours (liver / right kidney / gallbladder, spleen / left kidney, aorta / IVC) stand apart.
+ORGAN_COLOURS: dict[str, tuple[int, int, int]] = {
+    "liver": (204, 92, 64),
+    "right_kidney": (242, 191, 26),
+    "spleen": (140, 51, 166),
+    "pancreas": (242, 140, 179),
+    "aorta": (230, 26, 26),
+    "inferior_vena_cava": (51, 89, 217),
+    "right_adrenal_gland": (26, 191, 191),
+    "left_adrenal_gland": (38, 153, 115),
+    "gallbladder": (102, 204, 51),
+    "esophagus": (242, 128, 13),
+    "stomach": (153, 115, 77),
+    "duodenum": (179, 179, 242),
+    "left_kidney": (89, 38, 115),
+}
+
+
+def organ_rgb(organ: Organ | str | int) -> tuple[float, float, float]:
+    """An organ's display colour as (red, green, blue) in 0-1 (matplotlib, 3D Slicer segments)."""
+    o = organ if isinstance(organ, Organ) else get_organ(organ)
+    return tuple(c / 255.0 for c in ORGAN_COLOURS[o.name])  # type: ignore[return-value]
+
+
+def colour_lookup(alpha: float = 1.0) -> np.ndarray:
+    """RGBA lookup table (256 × 4, 0-1) indexed by canonical label id: ``colour_lookup()[labels]``
+    colours a label map; background and unknown ids are transparent."""
+    lut = np.zeros((256, 4))
+    for o in ORGANS:
+        lut[o.id, :3] = organ_rgb(o)
+        lut[o.id, 3] = alpha
+    return lut
+
+
 # Left/right pairs: a left-right flip of an image must swap these labels.
 LATERAL_PAIRS: tuple[tuple[str, str], ...] = (
     ("right_kidney", "left_kidney"),

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from tgated.io.files import replace_dir
 from tgated.training.checkpoint import (
     load_checkpoint,
-    replace_dir,
     rng_state,
     save_checkpoint,
     set_rng_state,

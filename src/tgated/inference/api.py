@@ -40,6 +40,15 @@ import numpy as np
 from tgated import __version__
 from tgated.config import to_dict
 from tgated.data.datasets import case_id_from_path
+from tgated.inference.outputs import (
+    COLOUR_TABLES,
+    OutputOptions,
+    case_files,
+    verified,
+    write_case_outputs,
+    write_colour_tables,
+    write_statistics_csv,
+)
 from tgated.io.files import (
     atomic_path,
     atomic_write_json,
@@ -56,9 +65,9 @@ from tgated.io.volumes import (
     has_image_suffix,
     list_dicom_series,
     probe_volume,
+    read_label,
     read_volume,
     volume_from_nifti,
-    write_like,
 )
 from tgated.organs import LABELS_JSON, ORGAN_BY_ID, ORGAN_BY_NAME, labels_json, parse_organs
 
@@ -172,33 +181,49 @@ def _record_case(folder: Path, model_info: dict[str, Any], case_id: str, entry: 
 
 
 def _write_labels_json(folder: Path, organs) -> None:
-    """``labels.json`` for ``organs``, plus the organs of earlier runs' outputs in the same folder."""
+    """``labels.json`` and the colour tables (``labels.ctbl``, ``labels.txt``) for ``organs``, plus the
+    organs of earlier runs' outputs in the same folder."""
     with _locked(folder):
-        remove_stale_temporaries(folder, [LABELS_JSON])
+        remove_stale_temporaries(folder, [LABELS_JSON, *COLOUR_TABLES])
         ids = {o.id for o in organs}
         for entry in (read_provenance(folder).get("cases") or {}).values():
             names = entry.get("organs") if isinstance(entry, dict) else None
             ids |= {ORGAN_BY_NAME[n].id for n in names or () if isinstance(n, str) and n in ORGAN_BY_NAME}
         chosen = [ORGAN_BY_ID[i] for i in sorted(ids)]
         atomic_write_json(folder / LABELS_JSON, labels_json(chosen))
+        write_colour_tables(folder, chosen)
 
 
-def _is_done(folder: Path, case_id: str, out_file: Path, request: dict[str, Any]) -> bool:
-    """True when ``out_file`` is the unchanged output of the same request (see the module docstring)."""
-    if not out_file.is_file():
-        return False
+def _update_statistics_csv(folder: Path) -> None:
+    with _locked(folder):
+        entries = (read_provenance(folder).get("cases") or {}).values()
+        write_statistics_csv(folder, [e for e in entries if isinstance(e, dict)])
+
+
+def _recorded_files(entry: dict[str, Any]) -> dict[str, Any]:
+    """{file name: SHA-256} of a provenance entry (entries before ``files`` existed: the label map)."""
+    files = entry.get("files")
+    if isinstance(files, dict):
+        return files
+    out = entry.get("output")
+    return {out: entry.get("output_sha256")} if isinstance(out, str) else {}
+
+
+def _finished(folder: Path, case_id: str, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The provenance entry of ``case_id`` when it records the same request (see the module
+    docstring); else None. Which of its files are still unchanged is checked by the caller."""
     entry = (read_provenance(folder).get("cases") or {}).get(case_id)
     if not isinstance(entry, dict):
-        return False
+        return None
     for key in ("sha256", "model_hash", "organs", "series"):
         if entry.get(key) != request[key]:
-            return False
+            return None
     if request["modality"] in ("ct", "mr") and entry.get("modality") != request["modality"]:
-        return False
+        return None
     probs = request["probabilities"]
     if probs is not None and (entry.get("probabilities") != probs or not (folder / probs).is_file()):
-        return False
-    return entry.get("output_sha256") == sha256_file(out_file)
+        return None
+    return entry
 
 
 def _series_for(case: InputCase, series: str | None, dicom_cases: list[InputCase]) -> str | None:
@@ -321,6 +346,9 @@ def predict(
     series: str | None = None,
     batch_size: int = 16,
     quiet: bool = False,
+    output_type: str = "multilabel",
+    statistics: bool = False,
+    preview: bool = False,
 ) -> list[Path]:
     """Segment a file, a DICOM series folder, a folder of them (or a list of any of these); returns the
     label files written.
@@ -335,6 +363,10 @@ def predict(
     inputs' headers show (not an image, not 3-D, DICOM series choice, ``series`` held by no input) and
     cases too large for the available memory raise before anything is written; a file found corrupt
     while reading stops the run with the cases before it complete and recorded (a re-run resumes).
+
+    ``output_type`` (``multilabel``, ``per-organ``, ``both``, ``seg-nrrd``), ``statistics`` and
+    ``preview`` choose each case's files (:mod:`tgated.inference.outputs`). Returns the multilabel
+    files, or each case's first file when no multilabel map is written.
     """
     from tqdm.auto import tqdm
 
@@ -365,6 +397,12 @@ def predict(
         raise NotADirectoryError(f"--output {folder}: exists and is not a folder")
     if modality not in ("auto", "ct", "mr"):
         raise ValueError(f"--modality {modality!r}: expected 'auto', 'ct' or 'mr'")
+    options = OutputOptions(output_type, statistics, preview)
+    if single_file and not options.multilabel:
+        raise ValueError(
+            f"--output {out}: a label map file name, but --output-type {output_type} writes no multilabel "
+            "map; give a folder"
+        )
     organ_list = parse_organs(organs) if organs else None
     targets = {
         c.case_id: (
@@ -393,12 +431,18 @@ def predict(
 
         minfo["run"] = str(model_run)
         minfo["train_cases"] = run_splits(model_run)["train"]
+    layout = {c.case_id: case_files(targets[c.case_id][0].name, chosen, options) for c in mine}
     folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder, [p.name for pair in targets.values() for p in pair])
+    remove_stale_temporaries(
+        folder,
+        [p.name for pair in targets.values() for p in pair]
+        + [n for f in layout.values() for n in f.targets()],
+    )
     _write_labels_json(folder, chosen)
     written: list[Path] = []
     for case in tqdm(mine, desc="predict", unit="case", disable=quiet or len(mine) < 2):
-        out_file, probs_path = targets[case.case_id]
+        probs_path = targets[case.case_id][1]
+        files = layout[case.case_id]
         uid = _series_for(case, series, dicom)
         request = {
             "sha256": sha256_path(case.path),
@@ -408,17 +452,37 @@ def predict(
             "modality": modality,
             "probabilities": probs_path.name if save_probabilities else None,
         }
-        if not overwrite and _is_done(folder, case.case_id, out_file, request):
+        entry = None if overwrite else _finished(folder, case.case_id, request)
+        recorded = _recorded_files(entry) if entry else {}
+        kept = {n: recorded[n] for n in recorded if verified(folder, recorded, [n])}
+        done = [n for n in files.names() if n in kept]
+        first = folder / (files.names()[0])
+        if entry is not None and len(done) == len(files.names()):
             logger.info("%s: already predicted by this model; skipped (--overwrite redoes it)", case.case_id)
-            written.append(out_file)
+            written.append(first)
             continue
         volume = read_volume(case.path, series_uid=uid)
-        pred = predictor.predict_volume(volume, chosen, modality, keep_probabilities=save_probabilities)
-        probs_file = None
-        if save_probabilities:
-            probs_file = probs_path
-            write_probabilities(probs_file, pred, volume)
-        write_like(out_file, pred.labels, volume)
+        source = entry.get("output") if entry else None
+        probs_file = probs_path if save_probabilities else None
+        if entry is not None and isinstance(source, str) and source in kept:
+            # the label map of this request is finished: derive the missing files from it
+            labels = read_label(folder / source, volume).data
+            case_modality = entry.get("modality")
+            logger.info(
+                "%s: label map finished; writing %s",
+                case.case_id,
+                ", ".join(n for n in files.names() if n not in done),
+            )
+        else:
+            pred = predictor.predict_volume(volume, chosen, modality, keep_probabilities=save_probabilities)
+            labels, case_modality, kept, done, source = pred.labels, pred.modality, {}, [], None
+            if probs_file is not None:
+                write_probabilities(probs_file, pred, volume)
+        new = write_case_outputs(
+            folder, files, volume, labels, chosen, case_id=case.case_id, modality=case_modality, done=done
+        )
+        all_files = {**kept, **new}
+        label_name = files.labels if files.labels else source
         _record_case(
             folder,
             minfo,
@@ -426,17 +490,23 @@ def predict(
             {
                 **request,
                 "input": str(case.path.resolve()),
-                "modality": pred.modality,
+                "modality": case_modality,
                 "modality_requested": modality,
-                "output": out_file.name,
-                "output_sha256": sha256_file(out_file),
+                "output": label_name,
+                "output_sha256": all_files.get(label_name) if label_name else None,
+                "output_type": output_type,
+                "files": all_files,
                 "probabilities": probs_file.name if probs_file else None,
                 "shape": list(volume.original_shape),
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             },
         )
-        logger.info("%s -> %s (%s)", case.path, out_file, pred.modality.upper())
-        written.append(out_file)
+        if files.statistics:
+            _update_statistics_csv(folder)
+        logger.info("%s -> %s (%s)", case.path, first, str(case_modality).upper())
+        written.append(first)
+    if statistics:
+        _update_statistics_csv(folder)
     return written
 
 
@@ -448,8 +518,12 @@ def segment(
     modality: str = "auto",
     device: str = "auto",
     batch_size: int = 16,
+    statistics: bool = False,
 ):
-    """Segment one image and return a ``nibabel.Nifti1Image`` (uint8 canonical ids, the input's geometry).
+    """Segment one image and return a ``nibabel.Nifti1Image`` (uint8 canonical ids, the input's geometry);
+    with ``statistics``, a tuple (that image, the statistics document of
+    :func:`tgated.inference.statistics.case_statistics`: per organ volume in ml, voxels, intensity
+    mean / sd / p5 / p95 in the input's units, slice range, largest component share).
 
     ``image``: a path (NIfTI, ITK file, DICOM series folder) or a nibabel image. ``model``: a run / model
     folder or a loaded :class:`~tgated.models.tgated.TGatedModel`.
@@ -471,4 +545,13 @@ def segment(
         raise ValueError(f"image: expected a path or a nibabel image, got {type(image).__name__}")
     pred = predictor.predict_volume(volume, parse_organs(organs) if organs else None, modality)
     data = volume.to_original(pred.labels).astype(np.uint8)
-    return nib.Nifti1Image(data, volume.original_affine, header=nifti_header_for(volume, np.dtype(np.uint8)))
+    image_out = nib.Nifti1Image(
+        data, volume.original_affine, header=nifti_header_for(volume, np.dtype(np.uint8))
+    )
+    if not statistics:
+        return image_out
+    from tgated.inference.statistics import case_statistics
+
+    case_id = case_id_from_path(image) if isinstance(image, (str, os.PathLike)) else "image"
+    stats = case_statistics(volume, pred.labels, pred.organs, case_id=case_id, modality=pred.modality)
+    return image_out, stats

@@ -619,6 +619,33 @@ def write_like(path: str | os.PathLike, canonical: np.ndarray, reference: Volume
     write_nifti(path, data, reference.original_affine, header=nifti_header_for(reference, np.dtype(dtype)))
 
 
+def write_itk_like(
+    path: str | os.PathLike,
+    canonical: np.ndarray,
+    reference: Volume,
+    metadata: dict[str, str] | None = None,
+    dtype=np.uint8,
+) -> None:
+    """Write a canonical-frame array with SimpleITK (format from the suffix: ``.nrrd``, ``.mha``) in
+    ``reference``'s original layout and geometry (LPS direction, origin and spacing from its affine),
+    with ``metadata`` as the header's key/value fields; compressed, atomically."""
+    import SimpleITK as sitk
+
+    data = reference.to_original(np.asarray(canonical)).astype(dtype, copy=False)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+    lps = _LPS_TO_RAS @ np.asarray(reference.original_affine, dtype=np.float64)  # its own inverse
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    for key, value in (metadata or {}).items():
+        image.SetMetaData(key, value)
+    name = Path(path).name.lower()
+    suffix = next((s for s in ITK_SUFFIXES if name.endswith(s)), "")
+    with atomic_path(path, suffix=suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
 def axial_spacing_ratio(vol: Volume) -> float:
     """Slice thickness divided by in-plane spacing (extreme anisotropy check)."""
     sx, sy, sz = vol.spacing

@@ -9,29 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tgated.organs import ORGAN_BY_ID, ORGAN_BY_NAME, ORGAN_NAMES, ORGANS
+from tgated.data.views import axial, display_window, foreground_slices, label_rgba
+from tgated.organs import ORGAN_BY_ID, ORGAN_BY_NAME, ORGAN_NAMES, organ_rgb
 from tgated.report.tables import Evaluation
 
 logger = logging.getLogger(__name__)
-
-# 13 distinguishable colours, one per canonical organ id.
-ORGAN_COLOURS = np.array(
-    [
-        (0.80, 0.36, 0.25),
-        (0.95, 0.75, 0.10),
-        (0.55, 0.20, 0.65),
-        (0.95, 0.55, 0.70),
-        (0.90, 0.10, 0.10),
-        (0.20, 0.35, 0.85),
-        (0.10, 0.75, 0.75),
-        (0.15, 0.60, 0.45),
-        (0.40, 0.80, 0.20),
-        (0.95, 0.50, 0.05),
-        (0.60, 0.45, 0.30),
-        (0.70, 0.70, 0.95),
-        (0.35, 0.15, 0.45),
-    ]
-)
 
 
 def _plt():
@@ -95,38 +77,6 @@ def case_distribution(evals: list[Evaluation], path: Path, metric: str = "dice")
     return path
 
 
-def _display(volume: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) canonical -> (Z, rows, cols) radiological view (as the model sees slices)."""
-    return np.transpose(volume[::-1, ::-1, :], (2, 1, 0))
-
-
-def _window(image: np.ndarray, modality: str | None) -> np.ndarray:
-    if modality == "ct" or (modality is None and np.percentile(image, 1) < -500):
-        lo, hi = -160.0, 240.0
-    else:
-        lo, hi = np.percentile(image, [0.5, 99.5])
-    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
-
-
-def _rgba(labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    out = np.zeros((*labels.shape, 4))
-    for organ in ORGANS:
-        m = labels == organ.id
-        if m.any():
-            out[m, :3] = ORGAN_COLOURS[organ.id - 1]
-            out[m, 3] = alpha
-    return out
-
-
-def pick_slices(labels: np.ndarray, n: int = 3) -> list[int]:
-    """Axial slices through the labelled range (quartiles of the foreground z-range)."""
-    z = np.nonzero(labels.reshape(-1, labels.shape[-1]).any(axis=0))[0]
-    if z.size == 0:
-        return [labels.shape[-1] // 2]
-    qs = np.linspace(0.2, 0.8, n) if n > 1 else [0.5]
-    return sorted({int(z[min(int(q * (z.size - 1)), z.size - 1)]) for q in qs})
-
-
 def overlay(
     image: np.ndarray | None,
     gt: np.ndarray,
@@ -143,20 +93,19 @@ def overlay(
     All arrays are canonical (X, Y, Z); shown radiologically (patient's right on the left).
     """
     plt = _plt()
-    zs = slices or pick_slices(gt)
-    g, p = _display(gt), _display(pred)
-    img = _display(_window(image, modality)) if image is not None else np.zeros(g.shape)
+    zs = slices or foreground_slices(gt)
+    img = display_window(image, modality) if image is not None else np.zeros(gt.shape)
     aspect = spacing[1] / spacing[0]
     fig, axes = plt.subplots(len(zs), 2, figsize=(6.4, 3.2 * len(zs)), squeeze=False)
     for row, z in enumerate(zs):
-        for col, (lab, what) in enumerate(((g, "ground truth"), (p, "prediction"))):
+        for col, (lab, what) in enumerate(((gt, "ground truth"), (pred, "prediction"))):
             ax = axes[row][col]
-            ax.imshow(img[z], cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
-            ax.imshow(_rgba(lab[z]), aspect=aspect, interpolation="nearest")
+            ax.imshow(axial(img, z), cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+            ax.imshow(label_rgba(axial(lab, z)), aspect=aspect, interpolation="nearest")
             ax.set_title(f"{what}, slice {z}", fontsize=8)
             ax.axis("off")
     present = sorted({int(v) for v in np.unique(np.concatenate([np.unique(gt), np.unique(pred)])) if v})
-    handles = [plt.Rectangle((0, 0), 1, 1, color=ORGAN_COLOURS[i - 1]) for i in present]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=organ_rgb(i)) for i in present]
     if handles:
         fig.legend(
             handles,

@@ -12,16 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tgated.io.files import TMP_MARK, atomic_path
+from tgated.io.files import atomic_path
 
 FORMAT = "tgated-train-checkpoint"
 VERSION = 1
@@ -132,36 +129,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# folders
-# ---------------------------------------------------------------------------------------------
-
-
-def replace_dir(target: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
-    """Write a folder through ``writer(tmp)`` in a hidden temporary next to ``target``, then swap it
-    in, so ``target`` is always either the old or the new complete folder."""
-    dest = Path(target)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{TMP_MARK}"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
-    old = None
-    try:
-        writer(tmp)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old{TMP_MARK}"))
-            old.rmdir()
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not dest.exists():
-            os.replace(old, dest)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return dest

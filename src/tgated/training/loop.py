@@ -84,6 +84,7 @@ from tgated.io.files import (
     check_inputs_spared,
     is_temporary,
     remove_stale_temporaries,
+    replace_dir,
 )
 from tgated.organs import Organ
 from tgated.training.augment import (
@@ -96,7 +97,6 @@ from tgated.training.augment import (
 )
 from tgated.training.checkpoint import (
     load_checkpoint,
-    replace_dir,
     rng_state,
     save_checkpoint,
     set_rng_state,
