@@ -221,14 +221,7 @@ def _smax(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
 
 def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
     """Rotation matrix from angles (radians) about x, then y, then z."""
-    cx, sx, cy, sy, cz, sz = (
-        math.cos(rx),
-        math.sin(rx),
-        math.cos(ry),
-        math.sin(ry),
-        math.cos(rz),
-        math.sin(rz),
-    )
+    cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
     mx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     my = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     mz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
@@ -313,9 +306,7 @@ class _Tube(_Shape):
     def sdf(self, scene, box, margin):
         out = np.full(_box_shape(box), np.inf, dtype=np.float32)
         g = scene.g
-        for a, b, ra, rb in zip(
-            self.p[:-1], self.p[1:], self.r[:-1].tolist(), self.r[1:].tolist(), strict=True
-        ):
+        for a, b, ra, rb in zip(self.p[:-1], self.p[1:], self.r[:-1].tolist(), self.r[1:].tolist(), strict=True):
             if ra <= 0 and rb <= 0:
                 continue
             reach = max(ra, rb) + margin
@@ -354,10 +345,8 @@ class _ZTube(_Shape):
     def sdf(self, scene, box, margin):
         X, Y, Z = scene.g.coords(box)
         zz = Z.ravel().astype(np.float64)
-        cx, cy, rx, ry = (
-            np.interp(zz, self.zk, v).astype(np.float32)[None, None, :]
-            for v in (self.cx, self.cy, self.rx, self.ry)
-        )
+        cx, cy, rx, ry = (np.interp(zz, self.zk, v).astype(np.float32)[None, None, :] for v in
+                          (self.cx, self.cy, self.rx, self.ry))
         u, v = (X - cx) / rx, (Y - cy) / ry
         d = (np.sqrt(u * u + v * v) - 1.0) * np.minimum(rx, ry)
         return np.maximum(d, np.maximum(self.z0 - Z, Z - self.z1)).astype(np.float32, copy=False)
@@ -588,13 +577,7 @@ class _Scene:
         return self.zd2[box[0], box[1], None] - 4.0 - self.g.z[None, None, box[2]]
 
     def allowed(
-        self,
-        box: Box,
-        *,
-        clip: float | None,
-        only: Sequence[int] | None,
-        onlylabel: int | None,
-        region: str | None,
+        self, box: Box, *, clip: float | None, only: Sequence[int] | None, onlylabel: int | None, region: str | None
     ) -> np.ndarray:
         t = self.tissue[box]
         ok = ~_PROTECTED[t]
@@ -668,14 +651,7 @@ def _harm(rng: np.random.Generator, amp: float) -> np.ndarray:
 
 
 def _bowel_walk(
-    rng: np.random.Generator,
-    start,
-    direction,
-    lo,
-    hi,
-    length: float,
-    step: float,
-    avoid: Sequence[np.ndarray],
+    rng: np.random.Generator, start, direction, lo, hi, length: float, step: float, avoid: Sequence[np.ndarray]
 ) -> np.ndarray:
     """A smooth random walk that prefers unvisited space inside a box: packed small bowel (mm)."""
     lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
@@ -755,31 +731,12 @@ def _draw_case(seed: int, case: int) -> _Case:
     gallbladder = _draw_gallbladder(rng, a)
     portal = _draw_visceral_vessels(rng, a)
     ops = (
-        frame
-        + bowel
-        + liver
-        + stomach
-        + spleen
-        + kidneys
-        + adrenals
-        + pancreas
-        + duodenum
-        + gallbladder
-        + portal
-        + vessels
+        frame + bowel + liver + stomach + spleen + kidneys + adrenals + pancreas + duodenum + gallbladder
+        + portal + vessels
     )
     return _Case(
-        fov=fov,
-        slice_spacing=sz,
-        z_lo=z_lo,
-        z_hi=z_hi,
-        centre_offset=centre_offset,
-        world_shift=world_shift,
-        orientation=orientation,
-        ops=ops,
-        body=body,
-        diaphragm=dia,
-        kidney_phase=kidney_phase,
+        fov=fov, slice_spacing=sz, z_lo=z_lo, z_hi=z_hi, centre_offset=centre_offset, world_shift=world_shift,
+        orientation=orientation, ops=ops, body=body, diaphragm=dia, kidney_phase=kidney_phase,
     )
 
 
@@ -792,24 +749,11 @@ def _draw_frame(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
     a.yf = a.ys + a.vb_ry  # its anterior surface
     a.depth = a.y_front - a.yf  # room in front of the spine (mm): anterior organs scale with it
     z_l1, pitch = rng.uniform(2.0, 18.0), rng.uniform(31.0, 36.0)
-    spine = {
-        "ys": a.ys,
-        "rx": a.vb_rx,
-        "ry": a.vb_ry,
-        "z_l1": z_l1,
-        "pitch": pitch,
-        "tp_len": rng.uniform(22.0, 32.0),
-        "canal_y": a.ys - a.vb_ry - 9.0,
-        "spin_tip": -body.by_post + body.fat(np.array(-math.pi / 2)) + 6.0,
-    }
-    ribs = {
-        "z0": z_l1 + pitch + rng.uniform(-4.0, 4.0),
-        "pitch": pitch * rng.uniform(0.9, 1.0),
-        "dmax": rng.uniform(100.0, 135.0),
-        "phi_low": rng.uniform(0.58, 0.7) * math.pi,
-        "d_ant": rng.uniform(15.0, 40.0),
-        "half": rng.uniform(4.5, 6.0),
-    }
+    spine = {"ys": a.ys, "rx": a.vb_rx, "ry": a.vb_ry, "z_l1": z_l1, "pitch": pitch, "tp_len": rng.uniform(22.0, 32.0),
+                 "canal_y": a.ys - a.vb_ry - 9.0, "spin_tip": -body.by_post + body.fat(np.array(-math.pi / 2)) + 6.0}
+    ribs = {"z0": z_l1 + pitch + rng.uniform(-4.0, 4.0), "pitch": pitch * rng.uniform(0.9, 1.0),
+                "dmax": rng.uniform(100.0, 135.0), "phi_low": rng.uniform(0.58, 0.7) * math.pi,
+                "d_ant": rng.uniform(15.0, 40.0), "half": rng.uniform(4.5, 6.0)}
     ops: list[_Op] = [_paint_body, _paint_thorax, lambda s: _paint_ribs(s, ribs)]
     for side in (1.0, -1.0):
         zk = np.array([a.zb_lo, -90.0, -40.0, 0.0, 12.0])
@@ -838,18 +782,9 @@ def _draw_great_vessels(rng: np.random.Generator, a: SimpleNamespace) -> list[_O
     aorta = _ZTube(
         [a.zb_lo, -60.0, 0.0, hiatus, hiatus + 40.0, a.zb_hi],
         [ax, ax - 1.0, ax - 2.0, -vb_rx * 0.7, -(vb_rx * 0.55 + ra * 0.7), -(vb_rx * 0.55 + ra * 0.8)],
-        [
-            yf + ra * 0.85,
-            yf + ra + 1.0,
-            yf + ra + 1.0,
-            yf + ra * 0.7,
-            ys + 0.6 * a.vb_ry + ra * 0.5,
-            ys + 0.6 * a.vb_ry + ra * 0.4,
-        ],
-        grow,
-        grow,
-        a.zb_lo,
-        a.zb_hi,
+        [yf + ra * 0.85, yf + ra + 1.0, yf + ra + 1.0, yf + ra * 0.7, ys + 0.6 * a.vb_ry + ra * 0.5,
+         ys + 0.6 * a.vb_ry + ra * 0.4],
+        grow, grow, a.zb_lo, a.zb_hi,
     )
     a.ivc_x = ivc_x = vb_rx * 0.8 + rng.uniform(4.0, 10.0)
     a.ivc_top = ivc_top = a.dia.zc + rng.uniform(5.0, 15.0)
@@ -860,94 +795,41 @@ def _draw_great_vessels(rng: np.random.Generator, a: SimpleNamespace) -> list[_O
         [yf + iry + 2.0, yf + iry + 4.0, yf + iry + 10.0, yf + iry + 24.0, yf + iry + 34.0],
         [irx * 0.9, irx, irx, irx * 1.05, irx * 1.2],
         [iry * 0.9, iry, iry, iry * 1.1, iry * 1.3],
-        a.zb_lo,
-        ivc_top,
+        a.zb_lo, ivc_top,
     )
     a.aorta_centre = lambda z: np.array([np.interp(z, aorta.zk, aorta.cx), np.interp(z, aorta.zk, aorta.cy)])
     # the heart on the central tendon, anterior to the aorta and the oesophagus
     d = a.dia
-    heart_e = _Ellipsoid(
-        [rng.uniform(-35.0, -15.0), a.y_front - rng.uniform(45.0, 60.0), d.zc + rng.uniform(45.0, 60.0)],
-        [rng.uniform(55.0, 68.0), rng.uniform(42.0, 50.0), 55.0],
-        _rotation(0.0, 0.25, rng.uniform(-0.6, -0.3)),
-    )
+    heart_e = _Ellipsoid([rng.uniform(-35.0, -15.0), a.y_front - rng.uniform(45.0, 60.0), d.zc + rng.uniform(45.0, 60.0)],
+                         [rng.uniform(55.0, 68.0), rng.uniform(42.0, 50.0), 55.0],
+                         _rotation(0.0, 0.25, rng.uniform(-0.6, -0.3)))
     y_behind = yf + 2 * ra + 14.0
-    heart = _Region(
-        *heart_e.bounds(), lambda s, box, X, Y, Z: _smax(heart_e.sdf(s, box, 0.0), y_behind - Y, 8.0)
-    )
+    heart = _Region(*heart_e.bounds(), lambda s, box, X, Y, Z: _smax(heart_e.sdf(s, box, 0.0), y_behind - Y, 8.0))
     a.ivc_centre = lambda z: np.array([np.interp(z, ivc.zk, ivc.cx), np.interp(z, ivc.zk, ivc.cy)])
-    ops: list[_Op] = [
-        lambda s: s.fill(
-            heart,
-            [(6.0, _VFAT, 0), (0.0, _T["myocardium"], 0), (-9.0, _T["heart_blood"], 0)],
-            clip=0.0,
-            region="thorax",
-        )
-    ]
+    ops: list[_Op] = [lambda s: s.fill(heart, [(6.0, _VFAT, 0), (0.0, _T["myocardium"], 0),
+                                               (-9.0, _T["heart_blood"], 0)], clip=0.0, region="thorax")]
     for side in (1.0, -1.0):  # diaphragmatic crura around the aorta
-        crus = _Tube(
-            [
-                [side * vb_rx * 0.6, yf + 2.0, -40.0 + a.breath * 0.3],
-                [ax + side * (ra + 6.0), yf + ra * 0.9, 0.0],
-                [ax + side * (ra + 5.0), yf + ra * 2.0 + 4.0, hiatus - 15.0],
-                [ax * 0.5 + side * 8.0, yf + ra * 2.0 + 12.0, hiatus],
-            ],
-            rng.uniform(3.0, 5.0) * (1.2 if side > 0 else 1.0),
-        )
-        ops.append(
-            lambda s, sh=crus: s.fill(sh, [(0.0, _MUSCLE, 0)], only=[_VFAT, _T["liver"], _T["bowel_wall"]])
-        )
-    ops.append(
-        lambda s: s.fill(
-            aorta,
-            [(2.0, _VFAT, 0), (0.0, _T["artery"], _ID["aorta"])],
-            clip=-15.0,
-            only=[
-                _VFAT,
-                _MUSCLE,
-                _T["liver"],
-                _T["lung"],
-                _T["bowel_wall"],
-                _T["bowel_fluid"],
-                _T["pancreas"],
-                _T["portal_vein"],
-                _T["vein"],
-                _T["esophagus"],
-                _T["fat_strand"],
-            ],
-        )
-    )
+        crus = _Tube([[side * vb_rx * 0.6, yf + 2.0, -40.0 + a.breath * 0.3],
+                      [ax + side * (ra + 6.0), yf + ra * 0.9, 0.0],
+                      [ax + side * (ra + 5.0), yf + ra * 2.0 + 4.0, hiatus - 15.0],
+                      [ax * 0.5 + side * 8.0, yf + ra * 2.0 + 12.0, hiatus]],
+                     rng.uniform(3.0, 5.0) * (1.2 if side > 0 else 1.0))
+        ops.append(lambda s, sh=crus: s.fill(sh, [(0.0, _MUSCLE, 0)], only=[_VFAT, _T["liver"], _T["bowel_wall"]]))
+    ops.append(lambda s: s.fill(
+        aorta, [(2.0, _VFAT, 0), (0.0, _T["artery"], _ID["aorta"])], clip=-15.0,
+        only=[_VFAT, _MUSCLE, _T["liver"], _T["lung"], _T["bowel_wall"], _T["bowel_fluid"], _T["pancreas"],
+              _T["portal_vein"], _T["vein"], _T["esophagus"], _T["fat_strand"]]))
     for _ in range(int(rng.poisson(3.0))):
         cz = rng.uniform(a.zb_lo, a.z_hi)
         ang = rng.uniform(0.0, 2 * math.pi)
         rr = float(np.interp(cz, aorta.zk, aorta.rx))
         c = a.aorta_centre(cz)
-        calc = _Ellipsoid(
-            [c[0] + rr * math.cos(ang), c[1] + rr * math.sin(ang), cz], [1.6, 1.6, rng.uniform(2.0, 5.0)]
-        )
-        ops.append(
-            lambda s, sh=calc: s.fill(sh, [(0.0, _T["calcification"], _ID["aorta"])], onlylabel=_ID["aorta"])
-        )
-    ops.append(
-        lambda s: s.fill(
-            ivc,
-            [(0.0, _T["vein"], _ID["inferior_vena_cava"])],
-            clip=-15.0,
-            only=[
-                _VFAT,
-                _MUSCLE,
-                _T["liver"],
-                _T["hepatic_vessel"],
-                _T["bowel_wall"],
-                _T["bowel_fluid"],
-                _T["pancreas"],
-                _T["vein"],
-                _T["adrenal"],
-                _T["portal_vein"],
-                _T["fat_strand"],
-            ],
-        )
-    )
+        calc = _Ellipsoid([c[0] + rr * math.cos(ang), c[1] + rr * math.sin(ang), cz], [1.6, 1.6, rng.uniform(2.0, 5.0)])
+        ops.append(lambda s, sh=calc: s.fill(sh, [(0.0, _T["calcification"], _ID["aorta"])], onlylabel=_ID["aorta"]))
+    ops.append(lambda s: s.fill(
+        ivc, [(0.0, _T["vein"], _ID["inferior_vena_cava"])], clip=-15.0,
+        only=[_VFAT, _MUSCLE, _T["liver"], _T["hepatic_vessel"], _T["bowel_wall"], _T["bowel_fluid"],
+              _T["pancreas"], _T["vein"], _T["adrenal"], _T["portal_vein"], _T["fat_strand"]]))
     return ops
 
 
@@ -960,12 +842,8 @@ def _draw_spleen(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
     top = float(a.dia.height(np.array(xy[0]), np.array(xy[1])))
     kidney_top = a.kidneys["left_kidney"]["top"][2]
     a.sp_c = np.array([xy[0], xy[1], max(top - 6.0 - 0.8 * height, kidney_top + 0.2 * height)])
-    spleen = _Ellipsoid(
-        a.sp_c,
-        [thick, length, height],
-        _rotation(rng.uniform(-0.5, -0.2), rng.uniform(-0.2, 0.2), th),
-        _harm(rng, 0.06),
-    )
+    spleen = _Ellipsoid(a.sp_c, [thick, length, height],
+                        _rotation(rng.uniform(-0.5, -0.2), rng.uniform(-0.2, 0.2), th), _harm(rng, 0.06))
     a.sp_hilum = a.sp_c + np.array([-thick * math.cos(th), -thick * math.sin(th), -5.0]) * 0.9
     return [lambda s: s.fill(spleen, [(0.0, _T["spleen"], _ID["spleen"])], clip=2.0, region="abdomen")]
 
@@ -981,10 +859,8 @@ def _draw_liver(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
     xl0, xl_k = rng.uniform(10.0, 30.0), rng.uniform(1.0, 1.4)
     xl_z, xl_ref = rng.uniform(0.9, 1.4), dia.zl - rng.uniform(20.0, 35.0)
     xl_c, depth = rng.uniform(0.3, 0.7), a.depth  # curvature of the medial boundary around the stomach
-    lh, lf, lp = (
-        v.tolist()
-        for v in (rng.normal(0.0, 5.0, 4), rng.uniform(0.02, 0.05, 4), rng.uniform(0.0, 2 * math.pi, 4))
-    )
+    lh, lf, lp = (v.tolist() for v in (rng.normal(0.0, 5.0, 4), rng.uniform(0.02, 0.05, 4),
+                                       rng.uniform(0.0, 2 * math.pi, 4)))
     ivc_x = a.ivc_x
 
     def liver_sdf(s: _Scene, box: Box, X, Y, Z):
@@ -1000,23 +876,15 @@ def _draw_liver(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
         return _smax(d, np.where(yf + 20.0 > Y, ivc_x - 8.0 - X, -1e3), 6.0)
 
     liver = _Region([-150.0, -160.0, tip_z - 5.0], [250.0, 200.0, dia.zr + 5.0], liver_sdf)
-    ops: list[_Op] = [
-        lambda s: s.fill(liver, [(0.0, _T["liver"], _ID["liver"])], only=(*_SOFT, _MUSCLE), region="abdomen")
-    ]
-    a.hilum = np.array(
-        [ivc_x + rng.uniform(15.0, 30.0), yf + rng.uniform(55.0, 70.0), rng.uniform(15.0, 30.0) + breath]
-    )
+    ops: list[_Op] = [lambda s: s.fill(liver, [(0.0, _T["liver"], _ID["liver"])], only=(*_SOFT, _MUSCLE),
+                                       region="abdomen")]
+    a.hilum = np.array([ivc_x + rng.uniform(15.0, 30.0), yf + rng.uniform(55.0, 70.0),
+                        rng.uniform(15.0, 30.0) + breath])
     hv_root = np.array([*a.ivc_centre(a.ivc_top - 15.0), a.ivc_top - 15.0])
-    hv_targets = [
-        [tip_x - 15.0, yf + 20.0, 15.0 + breath],
-        [ivc_x + 15.0, a.y_front - 20.0, 10.0 + breath],
-        [xl0 - 60.0, a.y_front - 25.0, 45.0 + breath],
-    ]
-    pv_targets = [
-        [tip_x - 10.0, yf + 40.0, 20.0 + breath],
-        [xl0 - 50.0, a.y_front - 30.0, 35.0 + breath],
-        [tip_x - 20.0, yf + 60.0, -10.0 + breath],
-    ]
+    hv_targets = [[tip_x - 15.0, yf + 20.0, 15.0 + breath], [ivc_x + 15.0, a.y_front - 20.0, 10.0 + breath],
+                  [xl0 - 60.0, a.y_front - 25.0, 45.0 + breath]]
+    pv_targets = [[tip_x - 10.0, yf + 40.0, 20.0 + breath], [xl0 - 50.0, a.y_front - 30.0, 35.0 + breath],
+                  [tip_x - 20.0, yf + 60.0, -10.0 + breath]]
     branches = []
     for root, targets in ((hv_root, hv_targets), (a.hilum, pv_targets)):
         for tgt in targets:
@@ -1044,9 +912,7 @@ def _draw_kidneys(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
         kx = side * (a.vb_rx + rng.uniform(38.0, 50.0))
         radii = np.array([rng.uniform(24.0, 30.0), rng.uniform(18.0, 23.0), rng.uniform(48.0, 60.0)])
         ky = max(a.body.cavity_edge_y(kx, posterior=True) + radii[1] + rng.uniform(4.0, 12.0), a.ys - 25.0)
-        rot = _rotation(
-            rng.uniform(-0.35, -0.15), side * rng.uniform(0.1, 0.3), side * rng.uniform(0.35, 0.7)
-        )
+        rot = _rotation(rng.uniform(-0.35, -0.15), side * rng.uniform(0.1, 0.3), side * rng.uniform(0.35, 0.7))
         centre = np.array([kx, ky, kz])
         kidney = _Ellipsoid(centre, radii, rot, _harm(rng, 0.04))
         medial = rot @ np.array([-side, 0.0, 0.0])
@@ -1055,17 +921,12 @@ def _draw_kidneys(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
         pelvis = _Ellipsoid(sinus_c + medial * 3.0, radii * np.array([0.28, 0.22, 0.25]), rot)
         medulla = _Ellipsoid(centre, radii * 0.72, rot, kidney.harm)
         halo, lab = rng.uniform(4.0, 12.0), _ID[name]
-        ops.append(
-            lambda s, k=kidney, h=halo, lb=lab: s.fill(k, [(h, _VFAT, 0), (0.0, _T["kidney_cortex"], lb)])
-        )
+        ops.append(lambda s, k=kidney, h=halo, lb=lab: s.fill(k, [(h, _VFAT, 0), (0.0, _T["kidney_cortex"], lb)]))
         ops.append(lambda s, m=medulla, lb=lab: s.fill(m, [(0.0, _T["kidney_medulla"], lb)], onlylabel=lb))
         ops.append(lambda s, si=sinus, lb=lab: s.fill(si, [(0.0, _VFAT, 0)], onlylabel=lb))
         ops.append(lambda s, pe=pelvis, lb=lab: s.fill(pe, [(0.0, _T["urine"], lb)], only=[_VFAT]))
-        a.kidneys[name] = {
-            "centre": centre,
-            "hilum": sinus_c + medial * radii[0] * 0.4,
-            "top": centre + rot @ np.array([0.0, 0.0, radii[2]]),
-        }
+        a.kidneys[name] = {"centre": centre, "hilum": sinus_c + medial * radii[0] * 0.4,
+                               "top": centre + rot @ np.array([0.0, 0.0, radii[2]])}
     ra = a.ra
     for name in ("right_kidney", "left_kidney"):
         h = a.kidneys[name]["hilum"]
@@ -1073,31 +934,18 @@ def _draw_kidneys(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
         ic = a.ivc_centre(vz)
         if name == "left_kidney":
             ac = a.aorta_centre(vz)
-            pts = [
-                h,
-                [ac[0] - ra - 8.0, ac[1] + ra * 0.6, vz],
-                [ac[0], ac[1] + ra + 5.0, vz],
-                [ic[0], ic[1], vz],
-            ]
+            pts = [h, [ac[0] - ra - 8.0, ac[1] + ra * 0.6, vz], [ac[0], ac[1] + ra + 5.0, vz], [ic[0], ic[1], vz]]
         else:
             pts = [h, [(h[0] + ic[0]) / 2, (h[1] + ic[1]) / 2 + 3.0, vz], [ic[0], ic[1], vz]]
         vein = _Tube(pts, rng.uniform(4.0, 5.5))
-        ops.append(
-            lambda s, sh=vein: s.fill(
-                sh, [(0.0, _T["vein"], 0)], only=(*_SOFT, _T["kidney_cortex"], _T["urine"], _MUSCLE)
-            )
-        )
+        ops.append(lambda s, sh=vein: s.fill(sh, [(0.0, _T["vein"], 0)],
+                                             only=(*_SOFT, _T["kidney_cortex"], _T["urine"], _MUSCLE)))
         az = h[2] + rng.uniform(4.0, 10.0)
         ac = a.aorta_centre(az)
-        artery = _Tube(
-            [[ac[0], ac[1], az], [(ac[0] + h[0]) / 2, ac[1] - 4.0, az - 2.0], h + np.array([0.0, -3.0, 4.0])],
-            rng.uniform(2.2, 3.2),
-        )
-        ops.append(
-            lambda s, sh=artery: s.fill(
-                sh, [(0.0, _T["artery"], 0)], only=(*_SOFT, _T["kidney_cortex"], _T["urine"])
-            )
-        )
+        artery = _Tube([[ac[0], ac[1], az], [(ac[0] + h[0]) / 2, ac[1] - 4.0, az - 2.0], h + np.array([0.0, -3.0, 4.0])],
+                       rng.uniform(2.2, 3.2))
+        ops.append(lambda s, sh=artery: s.fill(sh, [(0.0, _T["artery"], 0)],
+                                               only=(*_SOFT, _T["kidney_cortex"], _T["urine"])))
     return ops
 
 
@@ -1122,20 +970,11 @@ def _draw_adrenals(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
         gland = _Union(
             _Slab(apex, med, apex + lean, med + lean * 1.5, z0, z1 - rng.uniform(0.0, 8.0), limb),
             _Slab(apex, lat, apex + lean, lat + lean * 1.5, z0 + rng.uniform(0.0, 8.0), z1, limb),
-            _Slab(
-                apex,
-                apex + np.array([0.0, 5.0]),
-                apex + lean,
-                apex + lean + np.array([0.0, 5.0]),
-                z0 + 4.0,
-                z1 - 6.0,
-                limb * 1.3,
-            ),
+            _Slab(apex, apex + np.array([0.0, 5.0]), apex + lean, apex + lean + np.array([0.0, 5.0]),
+                  z0 + 4.0, z1 - 6.0, limb * 1.3),
         )
         lab = _ID[name]
-        ops.append(
-            lambda s, sh=gland, lb=lab: s.fill(sh, [(2.5, _VFAT, 0), (0.0, _T["adrenal"], lb)], clip=0.0)
-        )
+        ops.append(lambda s, sh=gland, lb=lab: s.fill(sh, [(2.5, _VFAT, 0), (0.0, _T["adrenal"], lb)], clip=0.0))
     return ops
 
 
@@ -1145,61 +984,50 @@ def _draw_pancreas_duodenum(rng: np.random.Generator, a: SimpleNamespace) -> tup
     aorta and SMA, ascending to the duodeno-jejunal flexure), partly collapsed."""
     db = a.breath * 0.6
     yf, ivc_x, ax, ra = a.yf, a.ivc_x, a.ax_low, a.ra
-    a.pylorus = pyl = np.array(
-        [rng.uniform(10.0, 30.0), yf + rng.uniform(0.6, 0.78) * a.depth, rng.uniform(0.0, 15.0) + db]
-    )
+    a.pylorus = pyl = np.array([rng.uniform(10.0, 30.0), yf + rng.uniform(0.6, 0.78) * a.depth,
+                                rng.uniform(0.0, 15.0) + db])
     d_lat = ivc_x + rng.uniform(28.0, 40.0)
     d3_z = rng.uniform(-60.0, -40.0) + db
-    pts = np.array(
-        [
-            pyl,
-            [pyl[0] + 18.0, pyl[1] - 8.0, pyl[2] + 6.0],
-            [d_lat, yf + 48.0, pyl[2] + 2.0],
-            [d_lat + 4.0, yf + 40.0, (pyl[2] + d3_z) / 2.0],
-            [d_lat, yf + 36.0, d3_z + 10.0],
-            [d_lat - 18.0, yf + 34.0, d3_z],
-            [ivc_x - 10.0, yf + 38.0, d3_z - 2.0],
-            [ax - 12.0, yf + 40.0, d3_z + 2.0],
-            [ax - 26.0, yf + 44.0, d3_z + 18.0],
-            [ax - 28.0, yf + 52.0, d3_z + 35.0],
-        ]
-    )
+    pts = np.array([
+        pyl,
+        [pyl[0] + 18.0, pyl[1] - 8.0, pyl[2] + 6.0],
+        [d_lat, yf + 48.0, pyl[2] + 2.0],
+        [d_lat + 4.0, yf + 40.0, (pyl[2] + d3_z) / 2.0],
+        [d_lat, yf + 36.0, d3_z + 10.0],
+        [d_lat - 18.0, yf + 34.0, d3_z],
+        [ivc_x - 10.0, yf + 38.0, d3_z - 2.0],
+        [ax - 12.0, yf + 40.0, d3_z + 2.0],
+        [ax - 26.0, yf + 44.0, d3_z + 18.0],
+        [ax - 28.0, yf + 52.0, d3_z + 35.0],
+    ])
     pts[1:] = _jitter(rng, pts[1:], 3.0)
     a.dj = pts[-1]
     radii = np.array([9.0, 13.0, 12.0, 12.0, 11.5, 11.0, 10.0, 10.0, 10.0, 9.0]) * rng.uniform(0.85, 1.15)
     duo = _Tube(pts, radii, step=4.0)
-    collapse = np.interp(
-        np.linspace(0, 1, len(duo.p)), np.linspace(0, 1, len(pts)), rng.uniform(0.0, 1.0, len(pts))
-    )
+    collapse = np.interp(np.linspace(0, 1, len(duo.p)), np.linspace(0, 1, len(pts)), rng.uniform(0.0, 1.0, len(pts)))
     lumen = _Tube(duo.p, np.maximum(duo.r - 2.5 - collapse * 8.0, 0.0), smooth=False)
     gas = max(pyl[1] - rng.uniform(0.0, 8.0), yf + 58.0)  # a little gas in the bulb at most
     duo_ops: list[_Op] = [
         lambda s: s.fill(duo, [(0.0, _T["bowel_wall"], _ID["duodenum"])], clip=2.0),
-        lambda s: s.fill(
-            lumen, [(0.0, _T["bowel_fluid"], _ID["duodenum"])], onlylabel=_ID["duodenum"], gas_above=gas
-        ),
+        lambda s: s.fill(lumen, [(0.0, _T["bowel_fluid"], _ID["duodenum"])], onlylabel=_ID["duodenum"],
+                         gas_above=gas),
     ]
     a.pz = pz = rng.uniform(-12.0, 2.0) + db
     a.aly = aly = yf + 2 * ra
     sp = a.sp_hilum
-    pan_pts = np.array(
-        [
-            [d_lat - 22.0, yf + 40.0, d3_z + 18.0],  # uncinate process / lower head
-            [d_lat - 22.0, yf + 46.0, pz - 8.0],  # head
-            [ivc_x - 10.0, aly + 22.0, pz + 2.0],  # neck, anterior to the portal confluence
-            [ax - 15.0, aly + 18.0, pz + 8.0],  # body, anterior to aorta and SMA
-            [ax - 50.0, aly + 2.0, pz + 15.0],
-            [sp[0] + 15.0, sp[1] + 20.0, sp[2] - 10.0],  # tail towards the splenic hilum
-        ]
-    )
+    pan_pts = np.array([
+        [d_lat - 22.0, yf + 40.0, d3_z + 18.0],  # uncinate process / lower head
+        [d_lat - 22.0, yf + 46.0, pz - 8.0],  # head
+        [ivc_x - 10.0, aly + 22.0, pz + 2.0],  # neck, anterior to the portal confluence
+        [ax - 15.0, aly + 18.0, pz + 8.0],  # body, anterior to aorta and SMA
+        [ax - 50.0, aly + 2.0, pz + 15.0],
+        [sp[0] + 15.0, sp[1] + 20.0, sp[2] - 10.0],  # tail towards the splenic hilum
+    ])
     pan_pts = _jitter(rng, pan_pts, 3.5)
     pan_r = np.array([11.0, 15.0, 8.5, 11.0, 10.0, 7.0]) * rng.uniform(0.8, 1.15) * rng.uniform(0.9, 1.1, 6)
     a.pancreas = pancreas = _Tube(pan_pts, pan_r, step=4.0)
-    pan_ops: list[_Op] = [
-        lambda s: s.fill(
-            pancreas, [(1.5, _VFAT, 0), (0.0, _T["pancreas"], _ID["pancreas"])], clip=2.0, region="abdomen"
-        )
-    ]
+    pan_ops: list[_Op] = [lambda s: s.fill(pancreas, [(1.5, _VFAT, 0), (0.0, _T["pancreas"], _ID["pancreas"])],
+                                           clip=2.0, region="abdomen")]
     return pan_ops, duo_ops
 
 
@@ -1213,29 +1041,23 @@ def _draw_bowel(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
     flex_r = rng.uniform(-40.0, -20.0) + a.breath * 0.5
     flex_l = rng.uniform(-5.0, 25.0) + a.breath * 0.7
     xr, xl, yfr, zb = a.x_right, a.x_left, a.y_front, a.zb_lo
-    pts = np.array(
-        [
-            [xr - rc - 6.0, -5.0, zb - 10.0],
-            [xr - rc - 5.0, -2.0, -70.0],
-            [xr - rc - 8.0, 5.0, flex_r - 10.0],
-            [xr - rc - 22.0, 30.0, flex_r],
-            [xr * 0.45, yfr - rc - 8.0, (flex_r + sag) / 2.0],
-            [0.0, yfr - rc - 5.0, sag],
-            [xl * 0.45, yfr - rc - 10.0, (flex_l + sag) / 2.0],
-            [xl + rc + 20.0, 20.0, flex_l],
-            [xl + rc + 6.0, -8.0, flex_l - 15.0],
-            [xl + rc + 6.0, -12.0, -60.0],
-            [xl + rc + 8.0, -10.0, zb - 10.0],
-        ]
-    )
+    pts = np.array([
+        [xr - rc - 6.0, -5.0, zb - 10.0],
+        [xr - rc - 5.0, -2.0, -70.0],
+        [xr - rc - 8.0, 5.0, flex_r - 10.0],
+        [xr - rc - 22.0, 30.0, flex_r],
+        [xr * 0.45, yfr - rc - 8.0, (flex_r + sag) / 2.0],
+        [0.0, yfr - rc - 5.0, sag],
+        [xl * 0.45, yfr - rc - 10.0, (flex_l + sag) / 2.0],
+        [xl + rc + 20.0, 20.0, flex_l],
+        [xl + rc + 6.0, -8.0, flex_l - 15.0],
+        [xl + rc + 6.0, -12.0, -60.0],
+        [xl + rc + 8.0, -10.0, zb - 10.0],
+    ])
     pts = _jitter(rng, pts, 5.0)
     period, phase = rng.uniform(28.0, 40.0), rng.uniform(0.0, 2 * math.pi)
-    colon = _Tube(
-        pts,
-        rc * rng.uniform(0.85, 1.1, len(pts)),
-        step=6.0,
-        modulation=lambda s: 1.0 + 0.13 * np.sin(2 * math.pi * s / period + phase),
-    )
+    colon = _Tube(pts, rc * rng.uniform(0.85, 1.1, len(pts)), step=6.0,
+                  modulation=lambda s: 1.0 + 0.13 * np.sin(2 * math.pi * s / period + phase))
     lumen = _Tube(colon.p, np.maximum(colon.r - 2.5, 0.0), smooth=False)
     gas = rng.uniform(yfr - 60.0, yfr - 10.0)
     ops.append(lambda s: s.fill(colon, [(3.0, _VFAT, 0), (0.0, _T["bowel_wall"], 0)]))
@@ -1244,26 +1066,11 @@ def _draw_bowel(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
     sb_r = rng.uniform(10.0, 13.0)
     k_front = a.ys + 18.0
     dj = a.dj
-    jej = _bowel_walk(
-        rng,
-        dj,
-        [-0.6, 0.5, -0.4],
-        [xl + 30.0, k_front + 12.0, zb],
-        [10.0, yfr - 18.0, dj[2] + 10.0],
-        rng.uniform(900.0, 1400.0),
-        7.0,
-        [],
-    )
-    ile = _bowel_walk(
-        rng,
-        [xr * 0.4, yfr - 40.0, -70.0],
-        [0.3, -0.2, -0.6],
-        [-15.0, k_front + 20.0, zb],
-        [xr - 45.0, yfr - 15.0, -45.0 + a.breath * 0.6],
-        rng.uniform(500.0, 900.0),
-        7.0,
-        [jej],
-    )
+    jej = _bowel_walk(rng, dj, [-0.6, 0.5, -0.4], [xl + 30.0, k_front + 12.0, zb], [10.0, yfr - 18.0, dj[2] + 10.0],
+                      rng.uniform(900.0, 1400.0), 7.0, [])
+    ile = _bowel_walk(rng, [xr * 0.4, yfr - 40.0, -70.0], [0.3, -0.2, -0.6],
+                      [-15.0, k_front + 20.0, zb], [xr - 45.0, yfr - 15.0, -45.0 + a.breath * 0.6],
+                      rng.uniform(500.0, 900.0), 7.0, [jej])
     loop_only = [_VFAT, _T["bowel_wall"], _T["fat_strand"]]
     for path, rad in ((jej, sb_r), (ile, sb_r * 0.9)):
         start = 0
@@ -1279,11 +1086,8 @@ def _draw_bowel(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
             level = float(piece[:, 1].max() - rng.uniform(1.0, 6.0)) if mode == 2 else None
             ops.append(lambda s, o=outer: s.fill(o, [(0.0, _T["bowel_wall"], 0)], only=loop_only))
             if inner.r.max() > 0:
-                ops.append(
-                    lambda s, i=inner, lv=level: s.fill(
-                        i, [(0.0, _T["bowel_fluid"], 0)], only=[_T["bowel_wall"]], gas_above=lv
-                    )
-                )
+                ops.append(lambda s, i=inner, lv=level: s.fill(i, [(0.0, _T["bowel_fluid"], 0)],
+                                                               only=[_T["bowel_wall"]], gas_above=lv))
     return ops
 
 
@@ -1292,83 +1096,56 @@ def _draw_stomach(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
     under the left dome, body along the left anterior wall, antrum across to the pylorus), with a
     gas-fluid level."""
     ra, yf, hiatus = a.ra, a.yf, a.hiatus
-    gej = np.array(
-        [a.ax_low - rng.uniform(22.0, 35.0), yf + rng.uniform(35.0, 50.0), hiatus - rng.uniform(8.0, 16.0)]
-    )
+    gej = np.array([a.ax_low - rng.uniform(22.0, 35.0), yf + rng.uniform(35.0, 50.0), hiatus - rng.uniform(8.0, 16.0)])
     ex, ey = a.aorta_centre(hiatus + 40.0)
-    pts = np.array(
-        [
-            [ex + ra + 4.0, ey + ra + 6.0, a.zb_hi],
-            [ex + ra + 2.0, ey + ra + 8.0, hiatus + 35.0],
-            [gej[0] * 0.4, yf + ra * 2 + 12.0, hiatus],
-            [gej[0] + 4.0, gej[1] - 3.0, gej[2] + 3.0],
-        ]
-    )
+    pts = np.array([
+        [ex + ra + 4.0, ey + ra + 6.0, a.zb_hi],
+        [ex + ra + 2.0, ey + ra + 8.0, hiatus + 35.0],
+        [gej[0] * 0.4, yf + ra * 2 + 12.0, hiatus],
+        [gej[0] + 4.0, gej[1] - 3.0, gej[2] + 3.0],
+    ])
     pts[1:3] = _jitter(rng, pts[1:3], 2.5)
     eso = _Tube(pts, rng.uniform(7.0, 9.5))
-    ops: list[_Op] = [
-        lambda s: s.fill(eso, [(1.5, _VFAT, 0), (0.0, _T["esophagus"], _ID["esophagus"])], clip=None)
-    ]
+    ops: list[_Op] = [lambda s: s.fill(eso, [(1.5, _VFAT, 0), (0.0, _T["esophagus"], _ID["esophagus"])], clip=None)]
     if rng.uniform() < 0.5:
         air = _Tube(eso.p, np.full(len(eso.p), 2.0) * (eso.p[:, 2] > hiatus), smooth=False)
         ops.append(lambda s: s.fill(air, [(0.0, _T["gas"], _ID["esophagus"])], onlylabel=_ID["esophagus"]))
 
     dist = rng.uniform(0.7, 1.2)
     pyl, yfr = a.pylorus, a.y_front
-    fundus = _jitter(
-        rng, [(a.dia.xl + a.sp_c[0]) * 0.5 + 20.0, a.ys + 0.5 * (a.y_front - a.ys), a.dia.zl - 30.0], 4.0
-    )
-    pts = np.array(
-        [
-            gej + np.array([-8.0, 2.0, -4.0]),
-            fundus + np.array([0.0, 12.0, -20.0]),
-            [fundus[0] - 5.0, yfr - 45.0, fundus[2] - 50.0],
-            [fundus[0] + 25.0, yfr - 30.0, min(pyl[2] - 10.0, fundus[2] - 70.0)],
-            [pyl[0] - 30.0, pyl[1] + 5.0, pyl[2] - 6.0],
-            pyl,
-        ]
-    )
+    fundus = _jitter(rng, [(a.dia.xl + a.sp_c[0]) * 0.5 + 20.0, a.ys + 0.5 * (a.y_front - a.ys), a.dia.zl - 30.0], 4.0)
+    pts = np.array([
+        gej + np.array([-8.0, 2.0, -4.0]),
+        fundus + np.array([0.0, 12.0, -20.0]),
+        [fundus[0] - 5.0, yfr - 45.0, fundus[2] - 50.0],
+        [fundus[0] + 25.0, yfr - 30.0, min(pyl[2] - 10.0, fundus[2] - 70.0)],
+        [pyl[0] - 30.0, pyl[1] + 5.0, pyl[2] - 6.0],
+        pyl,
+    ])
     pts[1:5] = _jitter(rng, pts[1:5], 4.0)
     stomach = _Union(
-        _Ellipsoid(
-            fundus,
-            np.array([30.0, 32.0, 30.0]) * dist,
-            _rotation(0, 0, rng.uniform(-0.4, 0.4)),
-            _harm(rng, 0.05),
-        ),
+        _Ellipsoid(fundus, np.array([30.0, 32.0, 30.0]) * dist, _rotation(0, 0, rng.uniform(-0.4, 0.4)),
+                   _harm(rng, 0.05)),
         _Tube(pts, np.array([18.0, 32.0, 34.0, 26.0, 17.0, 9.0]) * dist),
     )
     wall = rng.uniform(3.0, 5.0) if dist > 0.85 else rng.uniform(5.0, 8.0)
     gas = rng.uniform(yfr - 45.0, yfr - 5.0)
     lab = _ID["stomach"]
-    ops.append(
-        lambda s: s.fill(
-            stomach,
-            [(2.0, _VFAT, 0), (0.0, _T["stomach_wall"], lab), (-wall, _T["stomach_content"], lab)],
-            clip=2.0,
-            region="abdomen",
-            gas_above=gas,
-        )
-    )
+    ops.append(lambda s: s.fill(stomach, [(2.0, _VFAT, 0), (0.0, _T["stomach_wall"], lab),
+                                          (-wall, _T["stomach_content"], lab)],
+                                clip=2.0, region="abdomen", gas_above=gas))
     return ops
 
 
 def _draw_gallbladder(rng: np.random.Generator, a: SimpleNamespace) -> list[_Op]:
     """Gallbladder: a pear under the liver, fundus anterior-inferior, sometimes with a stone."""
-    c = np.array(
-        [
-            a.hilum[0] + rng.uniform(0.0, 20.0),
-            a.y_front - rng.uniform(30.0, 45.0),
-            rng.uniform(-15.0, 5.0) + a.breath,
-        ]
-    )
+    c = np.array([a.hilum[0] + rng.uniform(0.0, 20.0), a.y_front - rng.uniform(30.0, 45.0),
+                  rng.uniform(-15.0, 5.0) + a.breath])
     size = rng.uniform(0.7, 1.2)
     rot = _rotation(rng.uniform(0.5, 0.9), rng.uniform(-0.3, 0.1), rng.uniform(-0.3, 0.3))
     gb = _Ellipsoid(c, np.array([14.0, 13.0, 33.0]) * size, rot, _harm(rng, 0.05))
     lab = _ID["gallbladder"]
-    ops: list[_Op] = [
-        lambda s: s.fill(gb, [(0.0, _T["gallbladder_wall"], lab), (-2.0, _T["bile"], lab)], clip=2.0)
-    ]
+    ops: list[_Op] = [lambda s: s.fill(gb, [(0.0, _T["gallbladder_wall"], lab), (-2.0, _T["bile"], lab)], clip=2.0)]
     if rng.uniform() < 0.15:
         stone = _Ellipsoid(c + rot @ np.array([0.0, -4.0, -14.0 * size]), [5.0, 5.0, 5.0])
         ops.append(lambda s: s.fill(stone, [(0.0, _T["gallstone"], lab)], onlylabel=lab))
@@ -1381,30 +1158,20 @@ def _draw_visceral_vessels(rng: np.random.Generator, a: SimpleNamespace) -> list
     vessels."""
     aly, pz, ra = a.aly, a.pz, a.ra
     conf = np.array([a.ivc_x - 14.0, aly + 8.0, pz + 2.0]) + rng.normal(0.0, 2.0, 3)
-    smv = _Tube(
-        [[conf[0] + 6.0, aly + 14.0, a.zb_lo], [conf[0] + 4.0, aly + 12.0, pz - 40.0], conf],
-        rng.uniform(4.5, 6.0),
-    )
+    smv = _Tube([[conf[0] + 6.0, aly + 14.0, a.zb_lo], [conf[0] + 4.0, aly + 12.0, pz - 40.0], conf],
+                rng.uniform(4.5, 6.0))
     portal = _Tube([conf, (conf + a.hilum) / 2 + rng.normal(0.0, 3.0, 3), a.hilum], rng.uniform(5.5, 7.0))
     pp = a.pancreas.p
     tail = pp[pp[:, 0] < conf[0] - 5.0][::3] + np.array([0.0, -9.0, 2.0])
     splenic = _Tube(np.vstack([conf, tail, a.sp_hilum]), rng.uniform(3.8, 5.0))
     vein_only = (*_SOFT, _T["pancreas"], _T["liver"], _MUSCLE)
-    ops: list[_Op] = [
-        lambda s, sh=sh: s.fill(sh, [(0.0, _T["portal_vein"], 0)], only=vein_only)
-        for sh in (smv, portal, splenic)
-    ]
+    ops: list[_Op] = [lambda s, sh=sh: s.fill(sh, [(0.0, _T["portal_vein"], 0)], only=vein_only)
+                      for sh in (smv, portal, splenic)]
     sma_z = pz + rng.uniform(4.0, 12.0)
     ac = a.aorta_centre(sma_z)
-    sma = _Tube(
-        [
-            [ac[0], ac[1], sma_z],
-            [ac[0] + 3.0, ac[1] + ra + 12.0, sma_z - 10.0],
-            [conf[0] - 10.0, aly + 12.0, sma_z - 40.0],
-            [conf[0] - 8.0, aly + 22.0, a.zb_lo],
-        ],
-        rng.uniform(3.2, 4.2),
-    )
+    sma = _Tube([[ac[0], ac[1], sma_z], [ac[0] + 3.0, ac[1] + ra + 12.0, sma_z - 10.0],
+                 [conf[0] - 10.0, aly + 12.0, sma_z - 40.0], [conf[0] - 8.0, aly + 22.0, a.zb_lo]],
+                rng.uniform(3.2, 4.2))
     ops.append(lambda s: s.fill(sma, [(3.5, _VFAT, 0), (0.0, _T["artery"], 0)], only=vein_only))
     cel_z = sma_z + rng.uniform(10.0, 18.0)
     ac = a.aorta_centre(cel_z)
@@ -1416,13 +1183,8 @@ def _draw_visceral_vessels(rng: np.random.Generator, a: SimpleNamespace) -> list
     )
     ops.append(lambda s: s.fill(celiac, [(0.0, _T["artery"], 0)], only=_SOFT))
     for _ in range(int(rng.integers(10, 20))):
-        p0 = np.array(
-            [
-                conf[0] + rng.uniform(-15.0, 5.0),
-                aly + rng.uniform(10.0, 25.0),
-                rng.uniform(a.zb_lo + 40.0, pz - 10.0),
-            ]
-        )
+        p0 = np.array([conf[0] + rng.uniform(-15.0, 5.0), aly + rng.uniform(10.0, 25.0),
+                       rng.uniform(a.zb_lo + 40.0, pz - 10.0)])
         p1 = p0 + rng.normal(0.0, 1.0, 3) * np.array([45.0, 25.0, 25.0])
         small = _Tube([p0, (p0 + p1) / 2 + rng.normal(0.0, 6.0, 3), p1], rng.uniform(1.2, 2.2))
         tis = _T["vein"] if rng.uniform() < 0.5 else _T["artery"]
@@ -1482,11 +1244,8 @@ def _paint_ribs(s: _Scene, p: dict) -> None:
     phi = np.arccos(np.clip(-Y / np.maximum(np.hypot(X, Y), 1e-6), -1.0, 1.0))
     low = p["phi_low"]
     rise = np.clip((phi - low) / (math.pi - low), 0.0, 1.0)
-    drop = np.where(
-        phi <= low,
-        p["dmax"] * (phi / low) * (1.15 - 0.15 * phi / low),
-        p["dmax"] - (p["dmax"] - p["d_ant"]) * rise**1.3,
-    )
+    drop = np.where(phi <= low, p["dmax"] * (phi / low) * (1.15 - 0.15 * phi / low),
+                    p["dmax"] - (p["dmax"] - p["d_ant"]) * rise**1.3)
     cav = s.cav2[ii, jj][:, None] + s.omega2[ii, jj][:, None] * s.delta[None, :]  # (pixels, z)
     u = (g.z[None, :] + drop[:, None] - p["z0"]) / p["pitch"]
     n = np.rint(u)
@@ -1504,10 +1263,7 @@ def _paint_spine(s: _Scene, p: dict) -> None:
     """Vertebral bodies (cortex, cancellous bone), discs, canal, arches, spinous/transverse processes."""
     g = s.g
     ys, rx, ry = p["ys"], p["rx"], p["ry"]
-    box = g.box(
-        [-rx - p["tp_len"] - 20.0, p["spin_tip"] - 6.0, g.z[0]],
-        [rx + p["tp_len"] + 20.0, ys + ry + 3.0, g.z[-1]],
-    )
+    box = g.box([-rx - p["tp_len"] - 20.0, p["spin_tip"] - 6.0, g.z[0]], [rx + p["tp_len"] + 20.0, ys + ry + 3.0, g.z[-1]])
     if box is None:
         return
     X, Y, Z = g.coords(box)
@@ -1529,16 +1285,9 @@ def _paint_spine(s: _Scene, p: dict) -> None:
     arch = (np.sqrt((X / 17.0) ** 2 + ((Y - cy + 1.0) / 13.5) ** 2) < 1.0) & (ys - ry + 3.0 > Y)
     put(arch & (phase > 0.16) & (phase < 0.9), _T["bone"])
     sp_phase = phase + (cy - Y) / (p["pitch"] * 2.2)
-    put(
-        (np.abs(X) < 3.5) & (cy - 6.0 > Y) & (p["spin_tip"] < Y) & (sp_phase > 0.3) & (sp_phase < 0.95),
-        _T["bone"],
-    )
+    put((np.abs(X) < 3.5) & (cy - 6.0 > Y) & (p["spin_tip"] < Y) & (sp_phase > 0.3) & (sp_phase < 0.95), _T["bone"])
     ax = np.abs(X)
-    tp = (
-        (np.abs(Y - (cy + 3.0) + 0.25 * (ax - 10.0)) < 2.6 - 0.04 * ax)
-        & (ax > 10.0)
-        & (ax < 12.0 + p["tp_len"])
-    )
+    tp = (np.abs(Y - (cy + 3.0) + 0.25 * (ax - 10.0)) < 2.6 - 0.04 * ax) & (ax > 10.0) & (ax < 12.0 + p["tp_len"])
     put(tp & (phase > 0.38) & (phase < 0.62), _T["bone"])
     put(np.sqrt((X / 10.0) ** 2 + ((Y - cy) / 7.5) ** 2) < 1.0, _T["csf"])
 
@@ -1738,11 +1487,7 @@ def _case_files(layout: str, out: Path, index: int, modality: str) -> tuple[str,
         cid = f"FLARE22_Tr_{k:04d}"
         return cid, out / "images" / f"{cid}_0000.nii.gz", {"labels": out / "labels" / f"{cid}.nii.gz"}
     if layout == "btcv":
-        return (
-            f"img{k:04d}",
-            out / "img" / f"img{k:04d}.nii.gz",
-            {"labels": out / "label" / f"label{k:04d}.nii.gz"},
-        )
+        return f"img{k:04d}", out / "img" / f"img{k:04d}.nii.gz", {"labels": out / "label" / f"label{k:04d}.nii.gz"}
     if layout == "amos":
         k = k + (AMOS_MR_OFFSET if modality == "mr" else 0)
         cid = f"amos_{k:04d}"
@@ -1772,15 +1517,11 @@ def _dataset_labels(layout: str, phantom: Phantom) -> dict[str, np.ndarray]:
             lut[canon] = ds
         out = lut[lab]
         if layout == "btcv":
-            vein_id = next(
-                k for k, v in DATASET_OTHER_LABELS["btcv"].items() if v == "portal_and_splenic_vein"
-            )
+            vein_id = next(k for k, v in DATASET_OTHER_LABELS["btcv"].items() if v == "portal_and_splenic_vein")
             out[phantom.other_labels()["portal_and_splenic_vein"]] = vein_id
         return {"labels": out}
     if layout == "totalseg":
-        return {
-            s: (lab == ORGAN_BY_NAME[name].id).astype(np.uint8) for s, name in TOTALSEG_STRUCTURES.items()
-        }
+        return {s: (lab == ORGAN_BY_NAME[name].id).astype(np.uint8) for s, name in TOTALSEG_STRUCTURES.items()}
     raise ValueError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
 
 
@@ -1849,9 +1590,7 @@ def write_dataset(
                 "pass overwrite=True (--overwrite) to replace them, or choose another output folder"
             )
     written: list[str] = []
-    for i, (cid, image_path, label_paths) in enumerate(
-        tqdm(plan, desc="phantoms", unit="case", disable=quiet)
-    ):
+    for i, (cid, image_path, label_paths) in enumerate(tqdm(plan, desc="phantoms", unit="case", disable=quiet)):
         ph = make_phantom(seed, case=i, modality=modality, size=size)
         img = ph.image.astype(np.int16)
         data, aff = _oriented(img, ph.affine, ph.orientation)
