@@ -327,3 +327,18 @@ def test_segment_returns_statistics(tmp_path, model_dir):
         )
         assert stats["organs"][name]["mean"] == pytest.approx(image[mask].mean(), rel=1e-12)
     assert isinstance(tgated.segment(tmp_path / "ct.nii.gz", model_dir, organs="liver"), nib.Nifti1Image)
+
+
+def test_extra_files_never_replace_an_input(tmp_path, model_dir):
+    import SimpleITK as sitk
+
+    from tgated.inference.api import predict
+
+    _ct(tmp_path, name="scan_0000")  # case id "scan"
+    # another input (case id "scan.seg") that case scan's scan.seg.nrrd would replace
+    sitk.WriteImage(sitk.Image(9, 8, 5, sitk.sitkInt16), str(tmp_path / "scan.seg.nrrd"))
+    before = (tmp_path / "scan.seg.nrrd").read_bytes()
+    inputs = [tmp_path / "scan_0000.nii.gz", tmp_path / "scan.seg.nrrd"]
+    with pytest.raises(ValueError, match=r"scan\.seg\.nrrd would replace the input file"):
+        predict(model_dir, inputs, tmp_path, output_type="seg-nrrd")
+    assert (tmp_path / "scan.seg.nrrd").read_bytes() == before and not (tmp_path / "provenance.json").exists()

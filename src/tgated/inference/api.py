@@ -3,10 +3,14 @@
 Output folder contents:
 
 * ``<case>.nii.gz`` — uint8 canonical organ ids, same shape, affine and axis order as the input image
-  (for a DICOM series: the series' grid, written as NIfTI);
-* ``labels.json`` — ``{"0": "background", "1": "liver", ...}`` for the organs predicted;
+  (for a DICOM series: the series' grid, written as NIfTI); with ``--output-type per-organ|both|seg-nrrd``
+  also or instead ``<case>/<organ>.nii.gz`` or ``<case>.seg.nrrd``; ``--statistics`` adds
+  ``<case>_statistics.json`` and ``statistics.csv``, ``--preview`` ``<case>_preview.png``
+  (:mod:`tgated.inference.outputs`);
+* ``labels.json`` — ``{"0": "background", "1": "liver", ...}`` for the organs predicted, and the same
+  table with colours for 3D Slicer (``labels.ctbl``) and ITK-SNAP (``labels.txt``);
 * ``provenance.json`` — tool version, model hash and config (incl. preprocessing), and per case: the
-  input file, its SHA-256, modality, organs, output files;
+  input file, its SHA-256, modality, organs, and every file written with its SHA-256 (``files``);
 * ``<case>_probs.npz`` with ``--save-probabilities`` — per-organ float16 probabilities (keys = organ
   names) in the same layout as the label map.
 
@@ -15,12 +19,16 @@ Before any work, every input's header is checked (:func:`tgated.io.volumes.probe
 before anything is written.
 
 Every file is written atomically, and leftovers of an interrupted run (``.NAME.tmp-*``) are removed
-when the file is written again. A case is skipped unless ``overwrite`` when its output exists,
-unchanged, and its provenance entry records the same request: model hash, input checksum, organs,
-DICOM series, explicit modality, and (with ``--save-probabilities``) its probabilities file. A case
-predicted by another model, or killed before its provenance entry was written, is redone. Under
-``torchrun`` each rank takes every N-th case; ``provenance.json`` and ``labels.json`` are updated
-under a file lock.
+when the file is written again. A case's provenance entry is written after all its files, and it
+counts as finished when that entry records the same request: model hash, input checksum, organs,
+DICOM series, explicit modality, and (with ``--save-probabilities``) its probabilities file. A
+finished case whose requested files are all unchanged is skipped unless ``overwrite``. When some are
+missing (new output options, a deleted file) they are derived from the finished multilabel map
+without segmenting again; when no unchanged multilabel map is there (an earlier run wrote only
+per-organ files or a ``.seg.nrrd``), the case is segmented again. A case predicted by another model,
+or killed before its provenance entry was written, is redone. Under ``torchrun`` each rank takes
+every N-th case; ``provenance.json``, ``labels.json``, the colour tables and ``statistics.csv`` are
+updated under a file lock.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from tgated.config import to_dict
 from tgated.data.datasets import case_id_from_path
 from tgated.inference.outputs import (
     COLOUR_TABLES,
+    STATISTICS_CSV,
     OutputOptions,
     case_files,
     verified,
@@ -255,15 +264,20 @@ def _check_inputs_spared(
     out: Path,
     folder: Path,
     targets: dict[str, tuple[Path, Path]],
+    options: OutputOptions,
 ) -> None:
     """Refuse an ``--output`` that is an input file or folder, lies in a DICOM series folder, or
     whose files would replace an input (symbolic links resolved)."""
     given_paths = list(given) if isinstance(given, (list, tuple)) else [given]
+    extras = [
+        folder / n for pair in targets.values() for n in case_files(pair[0].name, (), options).targets()
+    ]
     check_inputs_spared(
         ("--output", out),
         [("--input", p) for p in given_paths] + [("--input", c.path) for c in inputs],
         writes=[p for pair in targets.values() for p in pair]
-        + [folder / LABELS_JSON, folder / PROVENANCE, folder / LOCK_FILE],
+        + extras
+        + [folder / n for n in (LABELS_JSON, PROVENANCE, LOCK_FILE, *COLOUR_TABLES, STATISTICS_CSV)],
         not_inside=[("--input", c.path) for c in inputs if c.path.is_dir()],
     )
 
@@ -412,7 +426,7 @@ def predict(
         for c in inputs
     }
     _check_inputs_spared(
-        input if input is not None else [c.path for c in inputs], inputs, out, folder, targets
+        input if input is not None else [c.path for c in inputs], inputs, out, folder, targets, options
     )
     rank, world = _dist_info()
     mine = inputs[rank::world]

@@ -42,6 +42,7 @@ SLICER_COLOUR_TABLE = "labels.ctbl"
 ITKSNAP_LABELS = "labels.txt"
 COLOUR_TABLES = (SLICER_COLOUR_TABLE, ITKSNAP_LABELS)
 STATISTICS_SUFFIX = "_statistics.json"
+STATISTICS_CSV = "statistics.csv"
 PREVIEW_SUFFIX = "_preview.png"
 
 
@@ -276,7 +277,7 @@ def statistics_documents(folder: Path, entries: Iterable[Mapping[str, Any]]) -> 
 
 def write_statistics_csv(folder: Path, entries: Iterable[Mapping[str, Any]]) -> None:
     """``statistics.csv`` of every case with statistics in the folder (call under the folder's lock)."""
-    from tgated.inference.statistics import STATISTICS_CSV, statistics_csv
+    from tgated.inference.statistics import statistics_csv
 
     atomic_write_text(folder / STATISTICS_CSV, statistics_csv(statistics_documents(folder, entries)))
 

@@ -16,7 +16,7 @@ Per organ (``tgated predict --statistics``, ``tgated.segment(..., statistics=Tru
 An organ with no voxel has ``voxels`` 0, ``volume_ml`` 0.0 and ``null`` for the rest.
 
 Files: ``<case>_statistics.json`` (:func:`case_statistics`) per case and ``statistics.csv``
-(:data:`CSV_COLUMNS`, one row per case and organ) per output folder.
+(:data:`CSV_COLUMNS`, one row per case and organ) per output folder (:mod:`tgated.inference.outputs`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import numpy as np
 from tgated.io.volumes import Volume
 from tgated.organs import Organ
 
-STATISTICS_CSV = "statistics.csv"
 CSV_COLUMNS = (
     "case",
     "organ",
