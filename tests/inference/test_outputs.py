@@ -342,3 +342,21 @@ def test_extra_files_never_replace_an_input(tmp_path, model_dir):
     with pytest.raises(ValueError, match=r"scan\.seg\.nrrd would replace the input file"):
         predict(model_dir, inputs, tmp_path, output_type="seg-nrrd")
     assert (tmp_path / "scan.seg.nrrd").read_bytes() == before and not (tmp_path / "provenance.json").exists()
+
+
+@pytest.mark.slow
+def test_predict_with_extra_outputs_stays_light(tmp_path, model_dir):
+    """No training or report code, and matplotlib only when a preview is drawn."""
+    import subprocess
+    import sys
+
+    _ct(tmp_path / "in")
+    code = (
+        "import sys; from tgated.cli import main; "
+        f"main(['predict', '--model', {str(model_dir)!r}, '--input', {str(tmp_path / 'in')!r}, "
+        f"'--output', {str(tmp_path / 'out')!r}, '--quiet', '--statistics', '--output-type', 'both']); "
+        "bad = [m for m in sys.modules if m.startswith(('tgated.training', 'tgated.report', 'matplotlib'))]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "out" / "ct_statistics.json").is_file()
