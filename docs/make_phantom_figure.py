@@ -15,27 +15,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
 from tgated.data.phantom import TISSUES, make_phantom
-from tgated.organs import ORGANS
-
-COLOURS = (
-    "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0",
-    "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324",
-)  # fmt: skip
-CT_WINDOW = (-160.0, 240.0)  # abdominal window: level 40, width 400 HU
-
-
-def axial(volume: np.ndarray, k: int) -> np.ndarray:
-    """Slice k of a canonical RAS array as displayed: rows anterior -> posterior, columns right -> left."""
-    return volume[::-1, ::-1, k].T
-
-
-def coronal(volume: np.ndarray, j: int) -> np.ndarray:
-    """Coronal plane j: rows superior -> inferior, columns patient right -> left."""
-    return volume[::-1, j, ::-1].T
+from tgated.data.views import CT_DISPLAY_WINDOW as CT_WINDOW
+from tgated.data.views import axial, coronal, label_rgba
+from tgated.organs import ORGANS, organ_rgb
 
 
 def body_box(image: np.ndarray, air: float, margin: int = 3) -> tuple[slice, slice]:
@@ -48,9 +33,8 @@ def body_box(image: np.ndarray, air: float, margin: int = 3) -> tuple[slice, sli
     )
 
 
-def overlay(ax, labels: np.ndarray) -> None:
-    shown = np.where(labels > 0, labels - 1.0, np.nan)
-    ax.imshow(shown, cmap=ListedColormap(COLOURS), vmin=-0.5, vmax=12.5, alpha=0.45, interpolation="nearest")
+def overlay(ax, labels: np.ndarray, aspect: float = 1.0) -> None:
+    ax.imshow(label_rgba(labels), interpolation="nearest", aspect=aspect)
 
 
 def pick_slices(labels: np.ndarray) -> list[int]:
@@ -102,14 +86,12 @@ def main() -> None:
     ax = axes[1, 3]
     aspect = sz / sx
     ax.imshow(coronal(ct_image, j), cmap="gray", vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], aspect=aspect)
-    shown = np.where(coronal(ct_labels, j) > 0, coronal(ct_labels, j) - 1.0, np.nan)
-    ax.imshow(shown, cmap=ListedColormap(COLOURS), vmin=-0.5, vmax=12.5, alpha=0.45, interpolation="nearest",
-              aspect=aspect)
+    overlay(ax, coronal(ct_labels, j), aspect)
     ax.set_title("CT coronal + labels", fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Patch(color=c, label=o.name.replace("_", " ")) for o, c in zip(ORGANS, COLOURS, strict=True)]
+    handles = [Patch(color=organ_rgb(o), label=o.name.replace("_", " ")) for o in ORGANS]
     fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8, frameon=False)
     fig.suptitle(
         f"Synthetic abdominal phantom (seed {args.seed}, case {args.case}): {ct.shape[0]}×{ct.shape[1]}×{ct.shape[2]}"

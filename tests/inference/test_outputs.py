@@ -360,3 +360,26 @@ def test_predict_with_extra_outputs_stays_light(tmp_path, model_dir):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "out" / "ct_statistics.json").is_file()
+
+
+@pytest.mark.examples
+def test_readme_quotes_the_example_ct_liver_statistics(examples_root):
+    """README's "Using the results" numbers are what the statistics code gives for the real example CT
+    with TotalSegmentator's liver label (3 mm isotropic: 0.027 ml per voxel)."""
+    from pathlib import Path
+
+    from tgated.data.datasets import load_case
+    from tgated.data.examples import example_cases
+
+    case = next(c for c in example_cases(examples_root) if c.case_id == "example_ct")
+    image, labels = load_case(case)
+    liver = case_statistics(image, labels.data, [LIVER], case_id="example_ct", modality="ct")["organs"][
+        "liver"
+    ]
+    assert liver["volume_ml"] == liver["voxels"] * 0.027
+    mask = labels.data == LIVER.id
+    assert liver["mean"] == pytest.approx(image.data[mask].astype(np.float64).mean(), rel=1e-12)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"**{liver['volume_ml']:.1f} ml** ({liver['voxels']:,} voxels".replace(",", " ") in readme
+    assert f"**mean of {liver['mean']:.1f} HU** (sd {liver['sd']:.1f}" in readme
+    assert f"slices {liver['slices'][0]}-{liver['slices'][1]} of 0-111" in readme
