@@ -383,3 +383,24 @@ def test_readme_quotes_the_example_ct_liver_statistics(examples_root):
     assert f"**{liver['volume_ml']:.1f} ml** ({liver['voxels']:,} voxels".replace(",", " ") in readme
     assert f"**mean of {liver['mean']:.1f} HU** (sd {liver['sd']:.1f}" in readme
     assert f"slices {liver['slices'][0]}-{liver['slices'][1]} of 0-111" in readme
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["seg-nrrd", "per-organ"])
+def test_label_map_is_read_back_from_seg_nrrd_or_per_organ_files(tmp_path, model_dir, monkeypatch, first):
+    """A folder written without a multilabel map still completes new outputs without segmenting."""
+    _ct(tmp_path / "in")
+    out = tmp_path / "out"
+    _predict(model_dir, tmp_path / "in", out, "--output-type", first)
+    assert not (out / "ct.nii.gz").exists()
+    _predict(model_dir, tmp_path / "in", tmp_path / "reference")  # the multilabel map, segmented
+
+    _no_segmentation(monkeypatch)
+    _predict(model_dir, tmp_path / "in", out, "--statistics")
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(out / "ct.nii.gz").dataobj),
+        np.asarray(nib.load(tmp_path / "reference" / "ct.nii.gz").dataobj),
+    )
+    entry = json.loads((out / "provenance.json").read_text())["cases"]["ct"]
+    assert {"ct.nii.gz", "ct_statistics.json"} <= set(entry["files"]) and entry["output"] == "ct.nii.gz"
+    assert (first == "seg-nrrd") == ("ct.seg.nrrd" in entry["files"])  # earlier files stay recorded

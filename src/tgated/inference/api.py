@@ -23,9 +23,10 @@ when the file is written again. A case's provenance entry is written after all i
 counts as finished when that entry records the same request: model hash, input checksum, organs,
 DICOM series, explicit modality, and (with ``--save-probabilities``) its probabilities file. A
 finished case whose requested files are all unchanged is skipped unless ``overwrite``. When some are
-missing (new output options, a deleted file) they are derived from the finished multilabel map
-without segmenting again; when no unchanged multilabel map is there (an earlier run wrote only
-per-organ files or a ``.seg.nrrd``), the case is segmented again. A case predicted by another model,
+missing (new output options, a deleted file) they are derived, without segmenting again, from the
+label map read back from an unchanged file of the case (the multilabel map, else the ``.seg.nrrd``,
+else the complete per-organ masks: :func:`~tgated.inference.outputs.read_finished_labels`); only
+when none is left is the case segmented again. A case predicted by another model,
 or killed before its provenance entry was written, is redone. Under ``torchrun`` each rank takes
 every N-th case; ``provenance.json``, ``labels.json``, the colour tables and ``statistics.csv`` are
 updated under a file lock.
@@ -53,6 +54,7 @@ from tgated.inference.outputs import (
     STATISTICS_CSV,
     OutputOptions,
     case_files,
+    read_finished_labels,
     verified,
     write_case_outputs,
     write_colour_tables,
@@ -74,7 +76,6 @@ from tgated.io.volumes import (
     has_image_suffix,
     list_dicom_series,
     probe_volume,
-    read_label,
     read_volume,
     volume_from_nifti,
 )
@@ -476,27 +477,26 @@ def predict(
             written.append(first)
             continue
         volume = read_volume(case.path, series_uid=uid)
-        source = entry.get("output") if entry else None
         probs_file = probs_path if save_probabilities else None
-        if entry is not None and isinstance(source, str) and source in kept:
+        label_file = targets[case.case_id][0].name
+        labels = None
+        if entry is not None:
+            labels = read_finished_labels(folder, label_file, chosen, kept, volume)
+        if labels is not None:
             # the label map of this request is finished: derive the missing files from it
-            labels = read_label(folder / source, volume).data
             case_modality = entry.get("modality")
-            logger.info(
-                "%s: label map finished; writing %s",
-                case.case_id,
-                ", ".join(n for n in files.names() if n not in done),
-            )
+            missing = [n for n in files.names() if n not in done]
+            logger.info("%s: already segmented; writing %s", case.case_id, ", ".join(missing))
         else:
             pred = predictor.predict_volume(volume, chosen, modality, keep_probabilities=save_probabilities)
-            labels, case_modality, kept, done, source = pred.labels, pred.modality, {}, [], None
+            labels, case_modality, kept, done = pred.labels, pred.modality, {}, []
             if probs_file is not None:
                 write_probabilities(probs_file, pred, volume)
         new = write_case_outputs(
             folder, files, volume, labels, chosen, case_id=case.case_id, modality=case_modality, done=done
         )
         all_files = {**kept, **new}
-        label_name = files.labels if files.labels else source
+        label_name = label_file if label_file in all_files else None
         _record_case(
             folder,
             minfo,

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from tgated.io.files import atomic_write_json, atomic_write_text, read_json, replace_dir, sha256_file
-from tgated.io.volumes import Volume, strip_suffix, write_itk_like, write_like
+from tgated.io.volumes import Volume, read_label, strip_suffix, write_itk_like, write_like
 from tgated.organs import ORGAN_COLOURS, Organ, organ_rgb
 
 OUTPUT_TYPES: tuple[str, ...] = ("multilabel", "per-organ", "both", "seg-nrrd")
@@ -109,6 +109,25 @@ def verified(folder: Path, recorded: Mapping[str, Any], names: Iterable[str]) ->
         isinstance(recorded.get(n), str) and (folder / n).is_file() and sha256_file(folder / n) == recorded[n]
         for n in names
     )
+
+
+def read_finished_labels(
+    folder: Path, label_file: str, organs: Sequence[Organ], kept: Mapping[str, Any], volume: Volume
+) -> np.ndarray | None:
+    """The canonical label map of a finished case, read back from an unchanged file it wrote (``kept``:
+    the names verified against provenance): the multilabel map ``label_file``, else its ``.seg.nrrd``,
+    else the complete set of per-organ masks; None when none of them is there."""
+    stem = strip_suffix(label_file)
+    for name in (label_file, f"{stem}.seg.nrrd"):
+        if name in kept:
+            return read_label(folder / name, volume).data.astype(np.uint8, copy=False)
+    masks = [f"{stem}/{o.name}.nii.gz" for o in organs]
+    if not organs or not all(m in kept for m in masks):
+        return None
+    labels = np.zeros(volume.shape, np.uint8)
+    for o, m in zip(organs, masks, strict=True):
+        labels[read_label(folder / m, volume).data > 0] = o.id
+    return labels
 
 
 # ---- writers ---------------------------------------------------------------------------------------
