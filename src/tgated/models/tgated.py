@@ -37,8 +37,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +48,7 @@ from torch import nn
 
 from tgated.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
 from tgated.data.slices import clip_normalise, context_indices, gather_windows, physical_context
-from tgated.io.files import atomic_path, atomic_write_json, safe_join, sha256_file
+from tgated.io.files import atomic_path, atomic_write_json, replace_dir, safe_join, sha256_file
 from tgated.models.adapter import COMPONENTS, TGatedAdapter
 from tgated.models.backbone import build_clipseg, check_no_custom_code, load_backbone, seeded, skip_init
 from tgated.organs import NUM_ORGANS, ORGANS, Organ, get_organ, parse_organs
@@ -702,7 +700,7 @@ class TGatedModel(nn.Module):
         digest = sha256_file(out / WEIGHTS_NAME)
         has_tok = self.tokenizer is not None
         if has_tok:
-            _replace_dir(out / TOKENIZER_DIR, self.tokenizer.save_pretrained)
+            replace_dir(out / TOKENIZER_DIR, self.tokenizer.save_pretrained)
         from tgated import __version__
 
         atomic_write_json(
@@ -818,25 +816,6 @@ class TGatedModel(nn.Module):
 def _check_batch_size(batch_size: int) -> None:
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-
-def _replace_dir(target: Path, writer: Any) -> None:
-    """Write a folder through ``writer(tmp_dir)`` next to ``target`` and swap it in."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    old = None
-    try:
-        writer(str(tmp))
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            old.rmdir()
-            os.replace(target, old)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
