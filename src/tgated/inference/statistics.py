@@ -60,8 +60,7 @@ def axial_axis(affine: np.ndarray) -> int:
 def _largest_component_share(mask: np.ndarray) -> float:
     from scipy import ndimage
 
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    comps, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 1:
         return 1.0
     sizes = np.bincount(comps.ravel())[1:]
@@ -74,34 +73,42 @@ def organ_statistics(
     """Statistics (module docstring) of each organ in ``labels`` (canonical ids), over ``image``.
 
     ``image`` and ``labels`` share one voxel layout, and ``affine`` maps it to world mm; pass the input
-    file's own layout and affine so that slice numbers are the file's.
+    file's own layout and affine so that slice numbers are the file's. Each organ is measured inside
+    its bounding box (one pass over the label map finds them all).
     """
+    from scipy import ndimage
+
     if image.shape != labels.shape:
         raise ValueError(f"image shape {image.shape} and label map shape {labels.shape} differ")
+    labels = np.asarray(labels, dtype=np.uint8)
     voxel_ml = voxel_volume_ml(affine)
     axis = axial_axis(affine)
     other = tuple(i for i in range(3) if i != axis)
-    counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(), minlength=256)
+    boxes = ndimage.find_objects(labels)
     out: dict[str, dict[str, Any]] = {}
     for organ in organs:
-        n = int(counts[organ.id])
-        stats: dict[str, Any] = {"voxels": n, "volume_ml": n * voxel_ml}
-        if n == 0:
-            stats.update(dict.fromkeys(("mean", "sd", "p5", "p95", "slices", "largest_component_share")))
-        else:
-            mask = labels == organ.id
-            values = np.asarray(image[mask], dtype=np.float64)
-            p5, p95 = np.percentile(values, [5, 95])
-            present = np.nonzero(mask.any(axis=other))[0]
-            stats.update(
-                mean=float(values.mean()),
-                sd=float(values.std()),
-                p5=float(p5),
-                p95=float(p95),
-                slices=[int(present[0]), int(present[-1])],
-                largest_component_share=_largest_component_share(mask),
+        box = boxes[organ.id - 1] if organ.id <= len(boxes) else None
+        if box is None:
+            out[organ.name] = {"voxels": 0, "volume_ml": 0.0}
+            out[organ.name].update(
+                dict.fromkeys(("mean", "sd", "p5", "p95", "slices", "largest_component_share"))
             )
-        out[organ.name] = stats
+            continue
+        mask = labels[box] == organ.id
+        n = int(mask.sum())
+        values = np.asarray(image[box][mask], dtype=np.float64)
+        p5, p95 = np.percentile(values, [5, 95])
+        present = np.nonzero(mask.any(axis=other))[0] + box[axis].start
+        out[organ.name] = {
+            "voxels": n,
+            "volume_ml": n * voxel_ml,
+            "mean": float(values.mean()),
+            "sd": float(values.std()),
+            "p5": float(p5),
+            "p95": float(p95),
+            "slices": [int(present[0]), int(present[-1])],
+            "largest_component_share": _largest_component_share(mask),
+        }
     return out
 
 
