@@ -404,3 +404,21 @@ def test_label_map_is_read_back_from_seg_nrrd_or_per_organ_files(tmp_path, model
     entry = json.loads((out / "provenance.json").read_text())["cases"]["ct"]
     assert {"ct.nii.gz", "ct_statistics.json"} <= set(entry["files"]) and entry["output"] == "ct.nii.gz"
     assert (first == "seg-nrrd") == ("ct.seg.nrrd" in entry["files"])  # earlier files stay recorded
+
+
+@pytest.mark.slow
+def test_segmenting_again_removes_the_files_of_the_replaced_label_map(tmp_path, model_dir):
+    _ct(tmp_path / "in")
+    _ct(tmp_path / "in", name="other", shape=(12, 11, 5))
+    out = tmp_path / "out"
+    _predict(model_dir, tmp_path / "in", out, "--statistics", "--preview", "--output-type", "both")
+    (out / "ct" / "liver.nii.gz").write_bytes(b"edited by hand")  # changed since: left alone
+    _predict(model_dir, tmp_path / "in" / "ct.nii.gz", out, "--overwrite")
+
+    assert not (out / "ct_statistics.json").exists() and not (out / "ct_preview.png").exists()
+    assert sorted(p.name for p in (out / "ct").iterdir()) == ["liver.nii.gz"]
+    assert (out / "other_statistics.json").is_file()  # another case's files are untouched
+    rows = list(csv.DictReader((out / "statistics.csv").read_text().splitlines()))
+    assert {r["case"] for r in rows} == {"other"}
+    entry = json.loads((out / "provenance.json").read_text())["cases"]["ct"]
+    assert set(entry["files"]) == {"ct.nii.gz"}

@@ -26,7 +26,8 @@ finished case whose requested files are all unchanged is skipped unless ``overwr
 missing (new output options, a deleted file) they are derived, without segmenting again, from the
 label map read back from an unchanged file of the case (the multilabel map, else the ``.seg.nrrd``,
 else the complete per-organ masks: :func:`~tgated.inference.outputs.read_finished_labels`); only
-when none is left is the case segmented again. A case predicted by another model,
+when none is left is the case segmented again. A case segmented again loses the files of its earlier
+prediction that this run does not write (:func:`~tgated.inference.outputs.remove_stale_outputs`). A case predicted by another model,
 or killed before its provenance entry was written, is redone. Under ``torchrun`` each rank takes
 every N-th case; ``provenance.json``, ``labels.json``, the colour tables and ``statistics.csv`` are
 updated under a file lock.
@@ -55,6 +56,7 @@ from tgated.inference.outputs import (
     OutputOptions,
     case_files,
     read_finished_labels,
+    remove_stale_outputs,
     verified,
     write_case_outputs,
     write_colour_tables,
@@ -219,11 +221,16 @@ def _recorded_files(entry: dict[str, Any]) -> dict[str, Any]:
     return {out: entry.get("output_sha256")} if isinstance(out, str) else {}
 
 
+def _entry(folder: Path, case_id: str) -> dict[str, Any] | None:
+    entry = (read_provenance(folder).get("cases") or {}).get(case_id)
+    return entry if isinstance(entry, dict) else None
+
+
 def _finished(folder: Path, case_id: str, request: dict[str, Any]) -> dict[str, Any] | None:
     """The provenance entry of ``case_id`` when it records the same request (see the module
     docstring); else None. Which of its files are still unchanged is checked by the caller."""
-    entry = (read_provenance(folder).get("cases") or {}).get(case_id)
-    if not isinstance(entry, dict):
+    entry = _entry(folder, case_id)
+    if entry is None:
         return None
     for key in ("sha256", "model_hash", "organs", "series"):
         if entry.get(key) != request[key]:
@@ -490,6 +497,9 @@ def predict(
         else:
             pred = predictor.predict_volume(volume, chosen, modality, keep_probabilities=save_probabilities)
             labels, case_modality, kept, done = pred.labels, pred.modality, {}, []
+            previous = _entry(folder, case.case_id)
+            if previous is not None:  # files of the label map being replaced, not written again
+                remove_stale_outputs(folder, _recorded_files(previous), files.names())
             if probs_file is not None:
                 write_probabilities(probs_file, pred, volume)
         new = write_case_outputs(
@@ -515,7 +525,7 @@ def predict(
                 "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             },
         )
-        if files.statistics:
+        if files.statistics or (folder / STATISTICS_CSV).is_file():
             _update_statistics_csv(folder)
         logger.info("%s -> %s (%s)", case.path, first, str(case_modality).upper())
         written.append(first)

@@ -26,6 +26,7 @@ folder's provenance once all of them are written.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,22 @@ def read_finished_labels(
     for o, m in zip(organs, masks, strict=True):
         labels[read_label(folder / m, volume).data > 0] = o.id
     return labels
+
+
+def remove_stale_outputs(folder: Path, recorded: Mapping[str, Any], keep: Iterable[str]) -> list[str]:
+    """Delete the files an earlier prediction of a case recorded (``recorded``: name -> SHA-256) that
+    are not in ``keep``, when they are still exactly as written (a file changed since is left alone);
+    they describe a label map that has just been replaced. Returns the names removed."""
+    keep = set(keep)
+    removed = []
+    for name in sorted(set(recorded) - keep):
+        if verified(folder, recorded, [name]):
+            (folder / name).unlink()
+            removed.append(name)
+    for parent in sorted({(folder / n).parent for n in removed} - {folder}):
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # a per-organ folder left empty
+    return removed
 
 
 # ---- writers ---------------------------------------------------------------------------------------
