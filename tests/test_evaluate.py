@@ -14,16 +14,10 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from tgated import metrics as M
 from tgated.cli import main
-from tgated.evaluate import evaluate
+from tgated.data.layouts import LAYOUTS
+from tgated.evaluation import evaluate
 from tgated.io.volumes import read_volume, write_nifti
-from tgated.organs import (
-    DATASET_LABELS,
-    ORGAN_NAMES,
-    canonical_to_dataset,
-    label_map,
-    labelled_organs,
-    remap_labels,
-)
+from tgated.organs import ORGAN_NAMES, remap_labels
 
 SHAPE = (23, 19, 9)  # odd sizes, canonical (x, y, z)
 SUMMARY_KEYS = {
@@ -318,7 +312,7 @@ def test_two_predictions_for_one_case_are_an_error(tmp_path):
 def test_btcv_leaves_duodenum_out(tmp_path):
     gt = ground_truth(1)
     ds = np.zeros_like(gt)
-    for cid, ds_id in canonical_to_dataset("btcv").items():
+    for cid, ds_id in LAYOUTS["btcv"].canonical_to_dataset().items():
         ds[gt == cid] = ds_id
     ds[0:3, 15:18, 6:8] = 10  # portal / splenic vein: background for evaluation
     write(tmp_path / "btcv" / "label" / "label0001.nii.gz", ds, "LPS")
@@ -329,7 +323,7 @@ def test_btcv_leaves_duodenum_out(tmp_path):
         pred=tmp_path / "pred", gt=tmp_path / "btcv", dataset="btcv", out=tmp_path / "e", quiet=True
     )
     _, rows = read_rows(tmp_path / "e" / "metrics.csv")
-    assert len(DATASET_LABELS["btcv"]) == 12
+    assert len(LAYOUTS["btcv"].label_ids) == 12
     assert [r["organ"] for r in rows] == [n for n in ORGAN_NAMES if n != "duodenum"]
     assert "duodenum" not in summary["organs"]
     assert summary["false_positive_cases"] == 0
@@ -405,11 +399,11 @@ def test_phantom_dataset_end_to_end(tmp_path, layout, n_organs):
     assert len(label_files) == 2
     for cid, path in zip(ids, label_files, strict=True):
         raw = read_volume(path, label=True)  # canonical frame: written back as RAS, unlike the labels
-        canonical = remap_labels(raw.data, label_map(layout), source=str(path))
+        canonical = remap_labels(raw.data, LAYOUTS[layout].label_map(), source=str(path))
         write_nifti(pred_dir / f"{cid}.nii.gz", canonical, raw.affine)
     summary = evaluate(pred=pred_dir, gt=root, dataset=layout, out=tmp_path / "e", quiet=True)
     assert summary["cases"] == 2
-    assert list(summary["organs"]) == list(labelled_organs(layout))
+    assert list(summary["organs"]) == list(LAYOUTS[layout].labelled_organs())
     assert len(summary["organs"]) == n_organs and ("duodenum" in summary["organs"]) == (layout == "amos")
     for name, entry in summary["organs"].items():
         assert (entry["dice"], entry["nsd"], entry["hd95"]) == (1.0, 1.0, 0.0), name
@@ -437,12 +431,14 @@ def test_cli_evaluate(tmp_path, capsys):
 
 
 def test_package_level_evaluate_is_the_function(tmp_path):
-    """``tgated.evaluate(...)`` works whether or not the module tgated.evaluate was imported first."""
+    """``tgated.evaluate`` is a plain function, also after its module tgated.evaluation was imported."""
     import importlib
+    import types
 
     import tgated
 
-    importlib.import_module("tgated.evaluate")
+    importlib.import_module("tgated.evaluation")
+    assert isinstance(tgated.evaluate, types.FunctionType)
     gt_dir, pred_dir = folder_dataset(tmp_path, n=1)
     summary = tgated.evaluate(pred=pred_dir, gt=gt_dir, dataset="folder", quiet=True)
     assert summary["mean_dice"] == 1.0 and summary["cases"] == 1

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from tgated import organs as O
+from tgated.data.layouts import LAYOUTS
 
 
 def test_table_matches_design():
@@ -11,27 +12,27 @@ def test_table_matches_design():
     assert O.get_organ("duodenum").nsd_tolerance_mm == 7
     assert O.get_organ(13).name == "left_kidney"
     # BTCV: liver 6, pancreas 11, no duodenum; AMOS: pancreas 10, duodenum 13.
-    assert O.DATASET_LABELS["btcv"]["liver"] == 6
-    assert O.DATASET_LABELS["btcv"]["pancreas"] == 11
-    assert "duodenum" not in O.labelled_organs("btcv")
-    assert len(O.labelled_organs("btcv")) == 12
-    assert O.DATASET_LABELS["amos"]["duodenum"] == 13
-    assert len(O.labelled_organs("amos")) == 13
+    assert LAYOUTS["btcv"].label_ids["liver"] == 6
+    assert LAYOUTS["btcv"].label_ids["pancreas"] == 11
+    assert "duodenum" not in LAYOUTS["btcv"].labelled_organs()
+    assert len(LAYOUTS["btcv"].labelled_organs()) == 12
+    assert LAYOUTS["amos"].label_ids["duodenum"] == 13
+    assert len(LAYOUTS["amos"].labelled_organs()) == 13
 
 
 def test_label_maps_are_bijective_on_organs():
     for ds in ("flare22", "btcv", "amos"):
-        m = O.label_map(ds)
+        m = LAYOUTS[ds].label_map()
         organ_ids = [v for k, v in m.items() if v != 0]
-        assert len(organ_ids) == len(set(organ_ids)) == len(O.labelled_organs(ds))
-        back = O.canonical_to_dataset(ds)
+        assert len(organ_ids) == len(set(organ_ids)) == len(LAYOUTS[ds].labelled_organs())
+        back = LAYOUTS[ds].canonical_to_dataset()
         assert all(m[ds_id] == cid for cid, ds_id in back.items())
 
 
 def test_other_labels_are_background():
-    m = O.label_map("btcv")
+    m = LAYOUTS["btcv"].label_map()
     assert m[10] == 0  # portal and splenic veins
-    a = O.label_map("amos")
+    a = LAYOUTS["amos"].label_map()
     assert a[14] == 0 and a[15] == 0  # bladder, prostate/uterus
 
 
@@ -49,7 +50,7 @@ def test_totalseg_maps():
 
 def test_remap_labels_btcv_to_canonical():
     arr = np.array([[0, 6, 11], [10, 2, 13]], dtype=np.int16)
-    out = O.remap_labels(arr, O.label_map("btcv"))
+    out = O.remap_labels(arr, LAYOUTS["btcv"].label_map())
     liver, pancreas, rk, lag = (
         O.get_organ(n).id for n in ("liver", "pancreas", "right_kidney", "left_adrenal_gland")
     )
@@ -59,7 +60,7 @@ def test_remap_labels_btcv_to_canonical():
 
 def test_remap_labels_unknown_value_is_an_error():
     with pytest.raises(ValueError, match=r"lab.nii.gz: label values \[42\]"):
-        O.remap_labels(np.array([0, 42]), O.label_map("btcv"), source="lab.nii.gz")
+        O.remap_labels(np.array([0, 42]), LAYOUTS["btcv"].label_map(), source="lab.nii.gz")
     assert O.remap_labels(np.array([0, 42, 5]), O.totalseg_label_map("total"), strict=False).tolist() == [
         0,
         0,
@@ -69,8 +70,8 @@ def test_remap_labels_unknown_value_is_an_error():
 
 def test_remap_labels_rejects_non_integer_floats():
     with pytest.raises(ValueError, match="non-integer"):
-        O.remap_labels(np.array([0.0, 0.5]), O.label_map("flare22"))
-    assert O.remap_labels(np.array([0.0, 3.0]), O.label_map("flare22")).tolist() == [0, 3]
+        O.remap_labels(np.array([0.0, 0.5]), LAYOUTS["flare22"].label_map())
+    assert O.remap_labels(np.array([0.0, 3.0]), LAYOUTS["flare22"].label_map()).tolist() == [0, 3]
 
 
 def test_unknown_organ_suggests_closest():

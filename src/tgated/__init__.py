@@ -6,8 +6,7 @@ torch and transformers load when a model-related name is first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tgated.exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -16,7 +15,7 @@ _EXPORTS = {
     "predict": "tgated.inference",
     "TGatedModel": "tgated.models.tgated",
     "read_volume": "tgated.io.volumes",
-    "evaluate": "tgated.evaluate",
+    "evaluate": "tgated.evaluation",
     "train": "tgated.training",
     "ExperimentConfig": "tgated.config",
     "load_config": "tgated.config",
@@ -26,13 +25,4 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tgated' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

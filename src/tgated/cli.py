@@ -13,12 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from tgated import __version__
+from tgated.data.layouts import LAYOUT_NAMES
+from tgated.organs import TOTALSEG_TASKS
+from tgated.protocols import DEFAULT_PROTOCOL, PROTOCOL_NAMES
 
 logger = logging.getLogger("tgated")
-
-LAYOUTS = ("flare22", "btcv", "amos", "nnunet", "totalseg", "folder")
-PHANTOM_LAYOUTS = ("flare22", "btcv", "amos", "nnunet", "totalseg", "folder")
-PROTOCOLS = ("native", "flare22", "paper")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +82,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from tgated.evaluate import evaluate
+    from tgated.evaluation import evaluate
 
     summary = evaluate(
         pred=args.pred,
@@ -180,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, required=True, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument(
-        "--layout", choices=PHANTOM_LAYOUTS, default="flare22", help="dataset layout (default: flare22)"
+        "--layout", choices=LAYOUT_NAMES, default=LAYOUT_NAMES[0], help="dataset layout (default: %(default)s)"
     )
     p.add_argument("--modality", choices=("ct", "mr"), default="ct", help="ct or mr (default: ct)")
     p.add_argument("--size", type=int, default=128, help="in-plane size in voxels (default: 128)")
@@ -236,11 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score predictions against ground truth: metrics.csv, summary.json")
     p.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions (canonical ids)")
     p.add_argument("--gt", required=True, help="dataset root (named layouts) or label folder (folder)")
-    p.add_argument("--dataset", required=True, choices=LAYOUTS, help="ground-truth layout")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="native", help="default: native")
+    p.add_argument("--dataset", required=True, choices=LAYOUT_NAMES, help="ground-truth layout")
+    p.add_argument(
+        "--protocol", choices=PROTOCOL_NAMES, default=DEFAULT_PROTOCOL, help="default: %(default)s"
+    )
     p.add_argument(
         "--totalseg-task",
-        choices=("total", "total_mr"),
+        choices=TOTALSEG_TASKS,
         default=None,
         help="TotalSegmentator task of multilabel ground truth (dataset totalseg)",
     )

@@ -143,6 +143,8 @@ class DataConfig:
     root: str = ""
     """Dataset root folder (layout below)."""
     layout: Literal["flare22", "btcv", "amos", "nnunet", "totalseg", "folder"] = "flare22"
+    """A name of :data:`tgated.data.layouts.LAYOUTS` (config.py imports nothing of ours, so the names
+    are repeated here; a test checks that they equal the registry)."""
     labels: str = ""
     """Label folder for the ``folder`` layout (default: ``ROOT/labels``)."""
     totalseg_task: Literal["", "total", "total_mr"] = ""

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from itertools import product
@@ -55,10 +55,10 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from tgated.organs import ORGAN_BY_NAME, ORGAN_NAMES, Organ
+from tgated.protocols import check_protocol
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS: tuple[str, ...] = ("native", "flare22", "paper")
 NAN = float("nan")
 HD_PERCENTILE = 95.0
 PAPER_SIZE = 352
@@ -100,12 +100,6 @@ class OrganScore:
 # ---------------------------------------------------------------------------------------------
 # checks and small helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def check_protocol(protocol: str) -> str:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown evaluation protocol {protocol!r}; expected one of: {', '.join(PROTOCOLS)}")
-    return protocol
 
 
 def _spacing(spacing: Sequence[float], ndim: int) -> np.ndarray:
@@ -449,18 +443,6 @@ def hausdorff_distance(
     return _hd_cropped(g[box], p[box], s, percentile)
 
 
-def organ_metrics(
-    gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float], tolerance_mm: float
-) -> tuple[float, float, float]:
-    """(Dice, NSD at ``tolerance_mm``, HD95 in mm) of two masks under the ``native`` convention."""
-    g, p = _masks(gt, pred)
-    s = _spacing(spacing, 3)
-    box = _union_box(_bbox(g), _bbox(p))
-    if box is None:
-        return NAN, NAN, NAN
-    return _native_from_crop(g[box], p[box], s, tolerance_mm)
-
-
 def _native_from_crop(
     g: np.ndarray, p: np.ndarray, s: np.ndarray, tolerance_mm: float
 ) -> tuple[float, float, float]:
@@ -663,14 +645,18 @@ def case_scores(
     organs: Iterable[str | Organ],
     protocol: str = "native",
 ) -> list[OrganScore]:
-    """Scores of one case under ``protocol`` (see :func:`native_case_scores`, :func:`flare22_case_scores`,
-    :func:`paper_case_scores` for the frame each expects)."""
-    check_protocol(protocol)
-    if protocol == "flare22":
-        return flare22_case_scores(gt, pred, spacing, organs)
-    if protocol == "paper":
-        return paper_case_scores(gt, pred, organs)
-    return native_case_scores(gt, pred, spacing, organs)
+    """Scores of one case under ``protocol``: the one dispatch over :data:`tgated.protocols.PROTOCOLS`
+    (see :func:`native_case_scores`, :func:`flare22_case_scores`, :func:`paper_case_scores`; the label
+    maps are in the file's own axes for :data:`tgated.protocols.FILE_AXES_PROTOCOLS`, else canonical)."""
+    return CASE_SCORERS[check_protocol(protocol)](gt, pred, spacing, organs)
+
+
+CASE_SCORERS: dict[str, Callable[..., list[OrganScore]]] = {
+    "native": native_case_scores,
+    "flare22": flare22_case_scores,
+    "paper": lambda gt, pred, spacing, organs: paper_case_scores(gt, pred, organs),
+}
+"""Protocol name -> ``scorer(gt, pred, spacing, organs)``: one entry per :data:`tgated.protocols.PROTOCOLS`."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,23 +1,27 @@
-"""Organ names, prompts and per-dataset label maps: the single source of truth.
+"""Organ names, prompts, NSD tolerances and TotalSegmentator's structure ids: the single source of truth.
 
 The canonical organ space is FLARE22's order; every model output, prediction file and metric uses
-these ids. Dataset label maps translate a dataset's own ids into canonical ids. Two kinds of
+these ids. Each dataset layout's label ids (:mod:`tgated.data.layouts`) and TotalSegmentator's
+(here) are translated into canonical ids on reading (:func:`remap_labels`). Two kinds of
 "missing" are kept apart everywhere:
 
 * an organ a dataset does **not label** (BTCV has no duodenum) is *excluded*: never a negative,
   never a false positive;
 * an organ the dataset labels but that is **absent in a case** is a real negative.
 
-This module imports nothing of ours.
+This module imports nothing of ours, and numpy only when labels are remapped (the CLI reads it).
 """
 
 from __future__ import annotations
 
 import difflib
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 BACKGROUND = 0
 
@@ -80,6 +84,8 @@ def organ_rgb(organ: Organ | str | int) -> tuple[float, float, float]:
 def colour_lookup(alpha: float = 1.0) -> np.ndarray:
     """RGBA lookup table (256 × 4, 0-1) indexed by canonical label id: ``colour_lookup()[labels]``
     colours a label map; background and unknown ids are transparent."""
+    import numpy as np
+
     lut = np.zeros((256, 4))
     for o in ORGANS:
         lut[o.id, :3] = organ_rgb(o)
@@ -92,51 +98,6 @@ LATERAL_PAIRS: tuple[tuple[str, str], ...] = (
     ("right_kidney", "left_kidney"),
     ("right_adrenal_gland", "left_adrenal_gland"),
 )
-
-# Dataset label ids by canonical organ name. Organs missing from a map are not labelled by that
-# dataset. Dataset ids that are known but have no canonical organ are listed in
-# ``DATASET_OTHER_LABELS``: they are read as background, never as a target.
-DATASET_LABELS: dict[str, dict[str, int]] = {
-    "flare22": {o.name: o.id for o in ORGANS},
-    "btcv": {
-        "liver": 6,
-        "right_kidney": 2,
-        "spleen": 1,
-        "pancreas": 11,
-        "aorta": 8,
-        "inferior_vena_cava": 9,
-        "right_adrenal_gland": 12,
-        "left_adrenal_gland": 13,
-        "gallbladder": 4,
-        "esophagus": 5,
-        "stomach": 7,
-        "left_kidney": 3,
-    },
-    "amos": {
-        "liver": 6,
-        "right_kidney": 2,
-        "spleen": 1,
-        "pancreas": 10,
-        "aorta": 8,
-        "inferior_vena_cava": 9,
-        "right_adrenal_gland": 11,
-        "left_adrenal_gland": 12,
-        "gallbladder": 4,
-        "esophagus": 5,
-        "stomach": 7,
-        "duodenum": 13,
-        "left_kidney": 3,
-    },
-    # The "folder" layout stores canonical ids.
-    "folder": {o.name: o.id for o in ORGANS},
-}
-
-DATASET_OTHER_LABELS: dict[str, dict[int, str]] = {
-    "flare22": {},
-    "btcv": {10: "portal_and_splenic_vein"},
-    "amos": {14: "bladder", 15: "prostate_uterus"},
-    "folder": {},
-}
 
 # TotalSegmentator v2 structure names for our organs, and their ids in the multilabel files of
 # the tasks ``total`` and ``total_mr``. Version 1 ids differ: the task and version are explicit.
@@ -190,10 +151,9 @@ TOTALSEG_V2_IDS: dict[str, dict[str, int]] = {
 }
 TOTALSEG_TASKS: tuple[str, ...] = tuple(TOTALSEG_V2_IDS)
 
-LABEL_DATASETS: tuple[str, ...] = tuple(DATASET_LABELS)
 
-
-def _unknown(kind: str, value: str, valid: Iterable[str]) -> ValueError:
+def unknown_name(kind: str, value: str, valid: Iterable[str]) -> ValueError:
+    """The error for an unknown name: lists the valid ones and suggests the closest."""
     valid = list(valid)
     close = difflib.get_close_matches(value, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -202,14 +162,14 @@ def _unknown(kind: str, value: str, valid: Iterable[str]) -> ValueError:
 
 def get_organ(name_or_id: str | int) -> Organ:
     """Return an organ by canonical name, prompt or id; unknown names list the valid ones."""
-    if isinstance(name_or_id, (int, np.integer)):
+    if isinstance(name_or_id, numbers.Integral):
         if int(name_or_id) in ORGAN_BY_ID:
             return ORGAN_BY_ID[int(name_or_id)]
         raise ValueError(f"unknown organ id {name_or_id}; expected 1-{NUM_ORGANS}")
     key = str(name_or_id).strip().lower().replace(" ", "_").replace("-", "_")
     if key in ORGAN_BY_NAME:
         return ORGAN_BY_NAME[key]
-    raise _unknown("organ", str(name_or_id), ORGAN_NAMES)
+    raise unknown_name("organ", str(name_or_id), ORGAN_NAMES)
 
 
 def parse_organs(spec: str | Iterable[str] | None) -> tuple[Organ, ...]:
@@ -221,42 +181,16 @@ def parse_organs(spec: str | Iterable[str] | None) -> tuple[Organ, ...]:
     return tuple(organs)
 
 
-def check_dataset(dataset: str) -> str:
-    if dataset not in DATASET_LABELS:
-        raise _unknown("label dataset", dataset, LABEL_DATASETS)
-    return dataset
-
-
 def check_totalseg_task(task: str) -> str:
     if task not in TOTALSEG_V2_IDS:
-        raise _unknown("TotalSegmentator task", task, TOTALSEG_TASKS)
+        raise unknown_name("TotalSegmentator task", task, TOTALSEG_TASKS)
     return task
-
-
-def labelled_organs(dataset: str) -> tuple[str, ...]:
-    """Canonical names of the organs a dataset labels, in canonical id order."""
-    labels = DATASET_LABELS[check_dataset(dataset)]
-    return tuple(n for n in ORGAN_NAMES if n in labels)
-
-
-def label_map(dataset: str) -> dict[int, int]:
-    """Dataset label id -> canonical id, including known non-canonical ids mapped to background."""
-    labels = DATASET_LABELS[check_dataset(dataset)]
-    mapping = {BACKGROUND: BACKGROUND}
-    mapping.update({ds_id: ORGAN_BY_NAME[name].id for name, ds_id in labels.items()})
-    mapping.update(dict.fromkeys(DATASET_OTHER_LABELS[dataset], BACKGROUND))
-    return mapping
 
 
 def totalseg_label_map(task: str) -> dict[int, int]:
     """TotalSegmentator v2 multilabel id -> canonical id; every other structure is background."""
     ids = TOTALSEG_V2_IDS[check_totalseg_task(task)]
     return {ts_id: ORGAN_BY_NAME[TOTALSEG_STRUCTURES[s]].id for s, ts_id in ids.items()}
-
-
-def canonical_to_dataset(dataset: str) -> dict[int, int]:
-    """Canonical id -> dataset label id for the organs the dataset labels."""
-    return {ORGAN_BY_NAME[name].id: ds_id for name, ds_id in DATASET_LABELS[check_dataset(dataset)].items()}
 
 
 def remap_labels(
@@ -271,6 +205,8 @@ def remap_labels(
     With ``strict``, a value not in ``mapping`` is an error naming ``source`` and the values found;
     otherwise such values become background (used for multilabel files with many other structures).
     """
+    import numpy as np
+
     arr = np.asarray(labels)
     if arr.dtype.kind == "f":
         rounded = np.rint(arr)

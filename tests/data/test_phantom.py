@@ -10,8 +10,8 @@ import pytest
 from scipy import ndimage
 
 from tgated.cli import main
+from tgated.data.layouts import LAYOUTS
 from tgated.data.phantom import (
-    LAYOUTS,
     ORIENTATIONS,
     TISSUES,
     Phantom,
@@ -19,7 +19,7 @@ from tgated.data.phantom import (
     write_dataset,
 )
 from tgated.io.volumes import read_volume
-from tgated.organs import DATASET_LABELS, ORGANS, TOTALSEG_STRUCTURES
+from tgated.organs import ORGANS, TOTALSEG_STRUCTURES
 
 ID = {o.name: o.id for o in ORGANS}
 
@@ -217,7 +217,7 @@ def test_layout_files_and_label_ids(tmp_path, layout):
     if layout in ("flare22", "nnunet", "folder"):  # canonical ids
         assert np.array_equal(lab, ph.labels)
     else:
-        ds = DATASET_LABELS[layout]
+        ds = LAYOUTS[layout].label_ids
         for organ, oid in ID.items():
             assert np.all(lab[ph.labels == oid] == ds.get(organ, 0)), organ
         assert set(np.unique(lab)) <= {0, *ds.values(), 10}

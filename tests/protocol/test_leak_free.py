@@ -15,7 +15,7 @@ from tests.test_evaluate import ground_truth, write
 from tgated.cli import main
 from tgated.config import ExperimentConfig, dump_yaml, replace
 from tgated.data.datasets import select_cases, write_splits
-from tgated.evaluate import evaluate
+from tgated.evaluation import evaluate
 from tgated.organs import canonical_to_dataset
 
 SPLITS = {

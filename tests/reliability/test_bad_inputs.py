@@ -25,6 +25,7 @@ from tests.models.conftest import tiny_model_config
 from tgated import organs as O
 from tgated.cli import main
 from tgated.data.datasets import discover, read_splits
+from tgated.data.layouts import LAYOUTS
 from tgated.inference import predictor as P
 from tgated.inference.predictor import Predictor, estimate_memory_gb, resolve_modality
 from tgated.io.files import is_temporary
@@ -160,7 +161,7 @@ def test_label_maps_of_every_dtype_keep_their_values(tmp_path, dtype):
     lab[7:9, 1:3, 2:4] = 11  # BTCV pancreas
     write_nifti(tmp_path / "l.nii.gz", lab, lps_affine())
     vol = read_volume(tmp_path / "l.nii.gz", label=True)
-    canon = O.remap_labels(vol.data, O.label_map("btcv"), source="l.nii.gz")
+    canon = O.remap_labels(vol.data, LAYOUTS["btcv"].label_map(), source="l.nii.gz")
     np.testing.assert_array_equal(vol.to_original(canon), np.where(lab == 6, 1, np.where(lab == 11, 4, 0)))
 
 

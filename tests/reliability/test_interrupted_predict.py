@@ -190,7 +190,7 @@ def test_unreadable_provenance_redoes_cases_with_a_warning(done, models, caplog)
 
 
 def test_evaluate_warns_about_mixed_unrecorded_or_changed_predictions(done, models, caplog):
-    from tgated.evaluate import check_provenance, prediction_files
+    from tgated.evaluation import check_provenance, prediction_files
 
     inp, out, _ = done
     preds = prediction_files(out)

@@ -90,7 +90,7 @@ def test_run_folder_layout_cli_and_refusal(phantom_root, tmp_path, capsys):
     result = train(
         TINY_CONFIG, out=run, overrides=[f"data.root={phantom_root}", *fast[1::2]], resume=True, quiet=True
     )
-    assert isinstance(result, TrainResult) and result.epochs == 1 and Path(result) == run
+    assert isinstance(result, TrainResult) and result.epochs == 1 and result.run_dir == run
 
 
 def test_resume_continues_exactly(tiny_cfg, tmp_path):
@@ -167,7 +167,7 @@ def test_token_cache_gives_the_uncached_losses(tiny_cfg, tmp_path):
     off = train(tiny_cfg(*common, "train.cache_tokens='off'"), out=tmp_path / "off", quiet=True)
     mem = train(tiny_cfg(*common, "train.cache_tokens=auto"), out=tmp_path / "memory", quiet=True)
     disk = train(tiny_cfg(*common, "train.cache_tokens=disk"), out=tmp_path / "disk", quiet=True)
-    losses = [float(log_rows(r)[0]["loss"]) for r in (off, mem, disk)]
+    losses = [float(log_rows(r.run_dir)[0]["loss"]) for r in (off, mem, disk)]
     assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == pytest.approx(losses[0], abs=1e-5)
     a, b = weights(off.run_dir), weights(mem.run_dir)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tgated.io.files import replace_dir
+from tgated.io.files import is_temporary, replace_dir
 from tgated.training.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -150,3 +152,25 @@ def test_replace_dir_swaps_whole_folders(tmp_path):
         replace_dir(target, fail)
     assert (target / "a.txt").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_replace_dir_restores_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    replace_dir(target, lambda d: (d / "a.txt").write_text("one"))
+    real_replace = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old folder has been moved aside; the new one fails to move in
+            raise OSError("device busy")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="device busy"):
+        replace_dir(target, lambda d: (d / "a.txt").write_text("two"))
+    assert (target / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # both the folder being written and the old one moved aside are leftovers remove_stale_temporaries sees
+    (dest, old), (new, _) = calls[0], calls[1]
+    assert Path(dest) == target and is_temporary(Path(old)) and is_temporary(Path(new))

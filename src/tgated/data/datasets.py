@@ -1,19 +1,11 @@
-"""Dataset layouts, case discovery, label harmonisation to canonical ids, and splits (docs/architecture.md).
+"""Case discovery through the layout registry, label harmonisation to canonical ids, and splits
+(docs/architecture.md, Organs and dataset layouts).
 
-Layouts (``root`` is the dataset root unless said otherwise):
-
-==========  ==========================================================================================
-flare22     ``images/FLARE22_Tr_XXXX_0000.nii.gz``, ``labels/FLARE22_Tr_XXXX.nii.gz``
-btcv        ``img/imgXXXX.nii.gz``, ``label/labelXXXX.nii.gz`` (no duodenum; id 10 = veins → background)
-amos        ``imagesTr|imagesVa/amos_XXXX.nii.gz``, ``labelsTr|labelsVa/amos_XXXX.nii.gz`` (XXXX > 500: MR)
-nnunet      ``imagesTr/NAME_0000.nii.gz``, ``labelsTr/NAME.nii.gz``; label names from ``dataset.json``
-totalseg    ``sXXXX/ct.nii.gz`` (or ``mri.nii.gz``) with ``sXXXX/segmentations/<structure>.nii.gz``, or one
-            multilabel ``sXXXX/segmentations.nii.gz`` per case read with an explicit task (total|total_mr)
-folder      ``NAME.nii.gz`` images in ``root`` and same-named label files (canonical ids) in a second folder
-==========  ==========================================================================================
-
-A **case id** is the image file's name without extension and without a ``_0000`` channel suffix
-(totalseg: the subject folder's name). Predictions are named ``<case id>.nii.gz``.
+Where each layout keeps its files, how case ids map to file names, which modality a case is and how
+label values map to canonical ids are entries of :mod:`tgated.data.layouts`; this module finds the
+cases of a dataset root by those entries. A **case id** is the image file's name without extension
+and without a ``_0000`` channel suffix (totalseg: the subject folder's name); predictions are named
+``<case id>.nii.gz``.
 
 Two kinds of "missing" are kept apart: :attr:`Case.labelled` lists the organs the dataset labels
 (anything else is *excluded*, never a negative); an organ in that list that has no voxels in a case
@@ -33,15 +25,20 @@ from pathlib import Path
 import numpy as np
 
 from tgated import organs as O
+from tgated.data.layouts import (
+    CHANNEL_SUFFIX,
+    TOTALSEG_IMAGES,
+    TOTALSEG_MASKS,
+    TOTALSEG_MULTILABEL,
+    Layout,
+    get_layout,
+)
 from tgated.io.files import atomic_write_json, read_json, safe_name
 from tgated.io.volumes import Volume, check_same_grid, read_volume, strip_suffix
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS: tuple[str, ...] = ("flare22", "btcv", "amos", "nnunet", "totalseg", "folder")
 NIFTI_GLOB = ("*.nii.gz", "*.nii")
-AMOS_MR_THRESHOLD = 500
-TOTALSEG_MULTILABEL = "segmentations.nii.gz"
 
 # Names under which datasets (nnU-Net dataset.json) commonly call our organs.
 _ALIASES: dict[str, str] = {
@@ -71,7 +68,8 @@ class Case:
     label: Path | None = None
     label_files: dict[str, Path] = field(default_factory=dict, hash=False)
     """totalseg per-structure layout: canonical organ name -> binary mask file."""
-    layout: str = "folder"
+    layout: str = ""
+    """Name of the dataset layout (:data:`tgated.data.layouts.LAYOUTS`) the case was found in."""
     modality: str | None = None
     """"ct", "mr", or None when the layout does not say."""
     label_map: dict[int, int] = field(default_factory=dict, hash=False)
@@ -89,7 +87,7 @@ class Case:
 def case_id_from_path(path: str | os.PathLike) -> str:
     """``FLARE22_Tr_0001_0000.nii.gz`` -> ``FLARE22_Tr_0001``; ``img0001.nii.gz`` -> ``img0001``."""
     name = strip_suffix(Path(path).name)
-    return name[: -len("_0000")] if name.endswith("_0000") else name
+    return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
 
 
 def _nifti_files(folder: Path) -> list[Path]:
@@ -111,9 +109,7 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def check_layout(layout: str) -> str:
-    if layout not in LAYOUTS:
-        raise O._unknown("dataset layout", layout, LAYOUTS)
-    return layout
+    return get_layout(layout).name
 
 
 def _modality_from_name(name: str) -> str | None:
@@ -163,68 +159,48 @@ def _orphan_check(label_ids: Iterable[str], image_ids: Iterable[str], label_dir:
         )
 
 
-def _standard_case(layout: str, modality: str | None = None):
-    mapping = O.label_map(layout)
-    labelled = O.labelled_organs(layout)
+def _case_maker(layout: Layout):
+    """``make(case id, image, label) -> Case`` for a layout whose labels follow its table."""
+    mapping = layout.label_map()
+    labelled = layout.labelled_organs()
 
     def make(cid: str, img: Path | None, lab: Path | None) -> Case:
-        mod = modality
-        if layout == "amos":
-            digits = re.findall(r"\d+", cid)
-            mod = "mr" if digits and int(digits[-1]) > AMOS_MR_THRESHOLD else "ct"
-        return Case(cid, img, lab, layout=layout, modality=mod, label_map=mapping, labelled=labelled)
+        return Case(
+            cid, img, lab, layout=layout.name, modality=layout.modality_of(cid), label_map=mapping, labelled=labelled
+        )
 
     return make
 
 
-def _discover_flare22(root: Path, need_images: bool, need_labels: bool) -> list[Case]:
-    make = _standard_case("flare22", "ct")
-    img_dir, lab_dir = root / "images", root / "labels"
-    labels = {case_id_from_path(p): p for p in _nifti_files(lab_dir)} if lab_dir.is_dir() else {}
-    if not need_images:
-        _require_dir(lab_dir, "flare22 label folder (labels/FLARE22_Tr_XXXX.nii.gz)")
-        return [make(cid, None, p) for cid, p in sorted(labels.items())]
-    _require_dir(img_dir, "flare22 image folder (images/FLARE22_Tr_XXXX_0000.nii.gz)")
-    if need_labels:
-        _require_dir(lab_dir, "flare22 label folder (labels/FLARE22_Tr_XXXX.nii.gz)")
-    images = _nifti_files(img_dir)
-    cases = _pair(
-        images, labels, layout="flare22", need_labels=need_labels, make_case=make, label_dir=lab_dir
-    )
-    if need_labels:
-        _orphan_check(labels, [c.case_id for c in cases], lab_dir)
-    return cases
+def _layout_images(img_dir: Path, layout: Layout) -> list[Path]:
+    """The image files of a folder; with a channel suffix, files without it are ignored (logged)."""
+    files = _nifti_files(img_dir)
+    if not layout.channel_suffix:
+        return files
+    images = [p for p in files if strip_suffix(p.name).endswith(layout.channel_suffix)]
+    others = [p.name for p in files if not strip_suffix(p.name).endswith(layout.channel_suffix)]
+    if others:
+        logger.warning(
+            "%s: ignoring %d files without the %s channel suffix (e.g. %s)",
+            img_dir,
+            len(others),
+            layout.channel_suffix,
+            others[0],
+        )
+    return images
 
 
-def _discover_btcv(root: Path, need_images: bool, need_labels: bool) -> list[Case]:
-    make = _standard_case("btcv", "ct")
-    img_dir, lab_dir = root / "img", root / "label"
-
-    def cid_of_label(p: Path) -> str:
-        stem = strip_suffix(p.name)
-        return "img" + stem[len("label") :] if stem.startswith("label") else stem
-
-    labels = {cid_of_label(p): p for p in _nifti_files(lab_dir)} if lab_dir.is_dir() else {}
-    if not need_images:
-        _require_dir(lab_dir, "btcv label folder (label/labelXXXX.nii.gz)")
-        return [make(cid, None, p) for cid, p in sorted(labels.items())]
-    _require_dir(img_dir, "btcv image folder (img/imgXXXX.nii.gz)")
-    if need_labels:
-        _require_dir(lab_dir, "btcv label folder (label/labelXXXX.nii.gz)")
-    images = _nifti_files(img_dir)
-    cases = _pair(images, labels, layout="btcv", need_labels=need_labels, make_case=make, label_dir=lab_dir)
-    if need_labels:
-        _orphan_check(labels, [c.case_id for c in cases], lab_dir)
-    return cases
-
-
-def _discover_amos(root: Path, need_images: bool, need_labels: bool) -> list[Case]:
-    make = _standard_case("amos")
+def _discover_folders(root: Path, layout: Layout, make, need_images: bool, need_labels: bool) -> list[Case]:
+    """Cases of a layout that keeps images and labels in (image folder, label folder) pairs."""
     cases: list[Case] = []
     found = False
-    for img_name, lab_name in (("imagesTr", "labelsTr"), ("imagesVa", "labelsVa"), ("imagesTs", "labelsTs")):
+    for img_name, lab_name in layout.folders:
         img_dir, lab_dir = root / img_name, root / lab_name
-        labels = {case_id_from_path(p): p for p in _nifti_files(lab_dir)} if lab_dir.is_dir() else {}
+        labels = (
+            {layout.case_id_of_label(strip_suffix(p.name)): p for p in _nifti_files(lab_dir)}
+            if lab_dir.is_dir()
+            else {}
+        )
         if not need_images:
             if lab_dir.is_dir():
                 found = True
@@ -232,21 +208,27 @@ def _discover_amos(root: Path, need_images: bool, need_labels: bool) -> list[Cas
             continue
         if not img_dir.is_dir():
             continue
-        if img_name == "imagesTs" and need_labels and not lab_dir.is_dir():
-            continue  # AMOS test images come without labels
+        if need_labels and not lab_dir.is_dir():
+            if img_name in layout.unlabelled_folders:
+                continue
+            _require_dir(lab_dir, f"{layout.name} label folder ({layout.labels})")
         found = True
-        images = _nifti_files(img_dir)
         part = _pair(
-            images, labels, layout="amos", need_labels=need_labels, make_case=make, label_dir=lab_dir
+            _layout_images(img_dir, layout),
+            labels,
+            layout=layout.name,
+            need_labels=need_labels,
+            make_case=make,
+            label_dir=lab_dir,
         )
         if need_labels:
             _orphan_check(labels, [c.case_id for c in part], lab_dir)
         cases += part
     if not found:
-        what = "labelsTr/ or labelsVa/" if not need_images else "imagesTr/ or imagesVa/"
-        raise FileNotFoundError(
-            f"{root}: no amos {what} folder; expected the AMOS22 layout (imagesTr/amos_XXXX.nii.gz)"
-        )
+        img_name, lab_name = layout.folders[0]
+        if need_images:
+            _require_dir(root / img_name, f"{layout.name} image folder ({layout.images})")
+        _require_dir(root / lab_name, f"{layout.name} label folder ({layout.labels})")
     return cases
 
 
@@ -291,55 +273,36 @@ def nnunet_label_names(dataset_json: Path) -> tuple[dict[int, int], tuple[str, .
     return mapping, tuple(sorted(set(labelled), key=order.__getitem__)), modality, ending
 
 
-def _discover_nnunet(root: Path, need_images: bool, need_labels: bool) -> list[Case]:
+def _discover_nnunet(root: Path, layout: Layout, need_images: bool, need_labels: bool) -> list[Case]:
     ds_json = root / "dataset.json"
     if not ds_json.is_file():
         raise FileNotFoundError(f"{ds_json}: nnU-Net dataset.json does not exist; the nnunet layout needs it")
     mapping, labelled, modality, _ending = nnunet_label_names(ds_json)
 
     def make(cid: str, img: Path | None, lab: Path | None) -> Case:
-        return Case(cid, img, lab, layout="nnunet", modality=modality, label_map=mapping, labelled=labelled)
+        return Case(cid, img, lab, layout=layout.name, modality=modality, label_map=mapping, labelled=labelled)
 
-    img_dir, lab_dir = root / "imagesTr", root / "labelsTr"
-    labels = {case_id_from_path(p): p for p in _nifti_files(lab_dir)} if lab_dir.is_dir() else {}
-    if not need_images:
-        _require_dir(lab_dir, "nnunet label folder (labelsTr/)")
-        return [make(cid, None, p) for cid, p in sorted(labels.items())]
-    _require_dir(img_dir, "nnunet image folder (imagesTr/NAME_0000.nii.gz)")
-    images = [p for p in _nifti_files(img_dir) if strip_suffix(p.name).endswith("_0000")]
-    others = [p.name for p in _nifti_files(img_dir) if not strip_suffix(p.name).endswith("_0000")]
-    if others:
-        logger.warning(
-            "%s: ignoring %d files without the _0000 channel suffix (e.g. %s)",
-            img_dir,
-            len(others),
-            others[0],
-        )
-    if need_labels:
-        _require_dir(lab_dir, "nnunet label folder (labelsTr/NAME.nii.gz)")
-    cases = _pair(images, labels, layout="nnunet", need_labels=need_labels, make_case=make, label_dir=lab_dir)
-    if need_labels:
-        _orphan_check(labels, [c.case_id for c in cases], lab_dir)
-    return cases
+    return _discover_folders(root, layout, make, need_images, need_labels)
 
 
-def _discover_totalseg(root: Path, need_images: bool, need_labels: bool, task: str | None) -> list[Case]:
+def _discover_totalseg(
+    root: Path, layout: Layout, need_images: bool, need_labels: bool, task: str | None
+) -> list[Case]:
     if task is not None:
         O.check_totalseg_task(task)
     cases = []
     subjects = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     order = {n: i for i, n in enumerate(O.ORGAN_NAMES)}
+    image_names = {f"{stem}{ext}": mod for ext in (".nii.gz", ".nii") for mod, stem in TOTALSEG_IMAGES.items()}
     for subj in subjects:
-        image = next(
-            (subj / n for n in ("ct.nii.gz", "mri.nii.gz", "ct.nii", "mri.nii") if (subj / n).is_file()), None
-        )
-        modality = None if image is None else ("mr" if image.name.startswith("mri") else "ct")
+        image = next((subj / n for n in image_names if (subj / n).is_file()), None)
+        modality = None if image is None else image_names[image.name]
         if image is None:
             if need_images:
                 continue
             modality = "mr" if task == "total_mr" else ("ct" if task == "total" else None)
         multi = subj / TOTALSEG_MULTILABEL
-        seg_dir = subj / "segmentations"
+        seg_dir = subj / TOTALSEG_MASKS
         if task is not None:
             if not multi.is_file():
                 if need_labels:
@@ -355,7 +318,7 @@ def _discover_totalseg(root: Path, need_images: bool, need_labels: bool, task: s
                     subj.name,
                     image,
                     multi,
-                    layout="totalseg",
+                    layout=layout.name,
                     modality=modality,
                     label_map={0: 0, **mapping},
                     labelled=labelled,
@@ -387,7 +350,7 @@ def _discover_totalseg(root: Path, need_images: bool, need_labels: bool, task: s
                 image,
                 None,
                 label_files=dict(sorted(files.items(), key=lambda kv: order[kv[0]])),
-                layout="totalseg",
+                layout=layout.name,
                 modality=modality,
                 label_map={0: 0, **{O.ORGAN_BY_NAME[n].id: O.ORGAN_BY_NAME[n].id for n in files}},
                 labelled=labelled,
@@ -396,22 +359,21 @@ def _discover_totalseg(root: Path, need_images: bool, need_labels: bool, task: s
     return cases
 
 
-def _discover_folder(root: Path, labels_dir: Path | None, need_images: bool, need_labels: bool) -> list[Case]:
-    mapping = O.label_map("folder")
-    labelled = O.labelled_organs("folder")
-
-    def make(cid: str, img: Path | None, lab: Path | None) -> Case:
-        return Case(cid, img, lab, layout="folder", modality=None, label_map=mapping, labelled=labelled)
-
+def _discover_given_labels(
+    root: Path, layout: Layout, labels_dir: Path | None, need_images: bool, need_labels: bool
+) -> list[Case]:
+    make = _case_maker(layout)
     if not need_images:
         # ``root`` is the label folder.
         return [make(case_id_from_path(p), None, p) for p in _nifti_files(root)]
     img_dir = root
-    if labels_dir is None and (root / "images").is_dir():
-        img_dir, labels_dir = root / "images", root / "labels"
+    img_name, lab_name = layout.folders[0]
+    if labels_dir is None and (root / img_name).is_dir():
+        img_dir, labels_dir = root / img_name, root / lab_name
     if need_labels and labels_dir is None:
         raise ValueError(
-            f"{root}: the folder layout needs a label folder (data.labels), or images/ and labels/ inside it"
+            f"{root}: the {layout.name} layout needs a label folder (data.labels), or {img_name}/ and "
+            f"{lab_name}/ inside it"
         )
     labels = {}
     if labels_dir is not None:
@@ -422,7 +384,7 @@ def _discover_folder(root: Path, labels_dir: Path | None, need_images: bool, nee
     cases = _pair(
         _nifti_files(img_dir),
         labels,
-        layout="folder",
+        layout=layout.name,
         need_labels=need_labels,
         make_case=make,
         label_dir=labels_dir or root,
@@ -446,21 +408,17 @@ def discover(
     ``need_labels`` makes an image without its label an error; ``need_images=False`` searches
     labels only (evaluation). ``labels`` is the label folder of the ``folder`` layout.
     """
-    check_layout(layout)
+    spec = get_layout(layout)
     root_p = _require_dir(Path(root), f"{layout} dataset folder")
     lab = Path(labels) if labels else None
-    if layout == "flare22":
-        cases = _discover_flare22(root_p, need_images, need_labels)
-    elif layout == "btcv":
-        cases = _discover_btcv(root_p, need_images, need_labels)
-    elif layout == "amos":
-        cases = _discover_amos(root_p, need_images, need_labels)
-    elif layout == "nnunet":
-        cases = _discover_nnunet(root_p, need_images, need_labels)
-    elif layout == "totalseg":
-        cases = _discover_totalseg(root_p, need_images, need_labels, totalseg_task or None)
+    if spec.label_source == "dataset.json":
+        cases = _discover_nnunet(root_p, spec, need_images, need_labels)
+    elif spec.label_source == "structures":
+        cases = _discover_totalseg(root_p, spec, need_images, need_labels, totalseg_task or None)
+    elif spec.labels_given:
+        cases = _discover_given_labels(root_p, spec, lab, need_images, need_labels)
     else:
-        cases = _discover_folder(root_p, lab, need_images, need_labels)
+        cases = _discover_folders(root_p, spec, _case_maker(spec), need_images, need_labels)
     if not cases:
         raise FileNotFoundError(
             f"{root_p}: no cases found for the {layout} layout; see `tgated evaluate --help` / README"
@@ -652,7 +610,7 @@ def select_cases(
         raise ValueError("--split and --cases both choose the cases; give one of them")
     if split is not None:
         if split not in SPLIT_NAMES:
-            raise O._unknown("split", split, SPLIT_NAMES)
+            raise O.unknown_name("split", split, SPLIT_NAMES)
         if run is None:
             raise ValueError(
                 f"--split {split}: needs --run RUN, the training run whose splits.json names the cases"

@@ -240,7 +240,7 @@ def export_folder(
     cases = {c.case_id: c for c in example_cases(root, quiet=quiet)}
     for name in names or list(cases):
         if name not in cases:
-            raise O._unknown("example", name, cases)
+            raise O.unknown_name("example", name, cases)
         image, label = load_case(cases[name])
         if label is None:
             raise FileNotFoundError(

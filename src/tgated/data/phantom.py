@@ -51,17 +51,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
-from tgated.organs import (
-    DATASET_OTHER_LABELS,
-    ORGAN_BY_NAME,
-    ORGANS,
-    TOTALSEG_STRUCTURES,
-    canonical_to_dataset,
-)
+from tgated.data.layouts import NIFTI, TOTALSEG_IMAGES, TOTALSEG_MASKS, Layout, get_layout
+from tgated.organs import ORGAN_BY_NAME, ORGANS, TOTALSEG_STRUCTURES
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS: tuple[str, ...] = ("flare22", "btcv", "amos", "nnunet", "totalseg", "folder")
 MODALITIES: tuple[str, ...] = ("ct", "mr")
 ORIENTATIONS: tuple[str, ...] = ("RAS", "LPS", "LAS", "LPI")
 """Axis codes the cases are stored in (chosen per case); readers must reorient."""
@@ -70,7 +64,6 @@ SLICE_SPACINGS_MM: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 _SLICE_SPACING_P = (0.12, 0.14, 0.2, 0.2, 0.14, 0.2)
 MAX_SLICES = 100
 """Thin-slice cases cover less of the abdomen instead of exceeding this many slices."""
-AMOS_MR_OFFSET = 500
 
 _ID = {o.name: o.id for o in ORGANS}
 
@@ -1480,58 +1473,31 @@ def make_phantom(
 # ---------------------------------------------------------------------------------------------
 
 
-def _case_files(layout: str, out: Path, index: int, modality: str) -> tuple[str, Path, dict[str, Path]]:
-    """(case id, image path, {label name: path}) of case ``index`` (0-based) in ``layout``."""
-    k = index + 1
-    if layout == "flare22":
-        cid = f"FLARE22_Tr_{k:04d}"
-        return cid, out / "images" / f"{cid}_0000.nii.gz", {"labels": out / "labels" / f"{cid}.nii.gz"}
-    if layout == "btcv":
-        return f"img{k:04d}", out / "img" / f"img{k:04d}.nii.gz", {"labels": out / "label" / f"label{k:04d}.nii.gz"}
-    if layout == "amos":
-        k = k + (AMOS_MR_OFFSET if modality == "mr" else 0)
-        cid = f"amos_{k:04d}"
-        return cid, out / "imagesTr" / f"{cid}.nii.gz", {"labels": out / "labelsTr" / f"{cid}.nii.gz"}
-    if layout == "nnunet":
-        cid = f"phantom_{k:03d}"
-        return cid, out / "imagesTr" / f"{cid}_0000.nii.gz", {"labels": out / "labelsTr" / f"{cid}.nii.gz"}
-    if layout == "totalseg":
-        cid = f"s{k:04d}"
+def _case_files(layout: Layout, out: Path, index: int, modality: str) -> tuple[str, Path, dict[str, Path]]:
+    """(case id, image path, {label key: path}) of case ``index`` (0-based) in ``layout``."""
+    cid = layout.phantom_case_id(index, modality)
+    if layout.label_source == "structures":
         folder = out / cid
-        image = folder / ("ct.nii.gz" if modality == "ct" else "mri.nii.gz")
-        return cid, image, {s: folder / "segmentations" / f"{s}.nii.gz" for s in TOTALSEG_STRUCTURES}
-    if layout == "folder":
-        cid = f"phantom_{k:04d}"
-        return cid, out / "images" / f"{cid}.nii.gz", {"labels": out / "labels" / f"{cid}.nii.gz"}
-    raise ValueError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
+        image = folder / f"{TOTALSEG_IMAGES[modality]}{NIFTI}"
+        return cid, image, {s: folder / TOTALSEG_MASKS / f"{s}{NIFTI}" for s in TOTALSEG_STRUCTURES}
+    img_dir, lab_dir = layout.folders[0]
+    return cid, out / img_dir / layout.image_name(cid), {"labels": out / lab_dir / layout.label_name(cid)}
 
 
-def _dataset_labels(layout: str, phantom: Phantom) -> dict[str, np.ndarray]:
-    """The label arrays (canonical frame) a layout stores for one case, by file key."""
+def _dataset_labels(layout: Layout, phantom: Phantom) -> dict[str, np.ndarray]:
+    """The label arrays (canonical frame) a layout stores for one case, by label key."""
     lab = phantom.labels
-    if layout in ("flare22", "nnunet", "folder"):
-        return {"labels": lab.copy()}
-    if layout in ("btcv", "amos"):
-        lut = np.zeros(256, dtype=np.uint8)
-        for canon, ds in canonical_to_dataset(layout).items():
-            lut[canon] = ds
-        out = lut[lab]
-        if layout == "btcv":
-            vein_id = next(k for k, v in DATASET_OTHER_LABELS["btcv"].items() if v == "portal_and_splenic_vein")
-            out[phantom.other_labels()["portal_and_splenic_vein"]] = vein_id
-        return {"labels": out}
-    if layout == "totalseg":
+    if layout.label_source == "structures":
         return {s: (lab == ORGAN_BY_NAME[name].id).astype(np.uint8) for s, name in TOTALSEG_STRUCTURES.items()}
-    raise ValueError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
-
-
-def _oriented(data: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
-    """Re-lay a canonical RAS array and its affine out in another orientation (exact flips / permutation)."""
-    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
-
-    transform = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(tuple(axcodes)))
-    out = np.ascontiguousarray(apply_orientation(data, transform))
-    return out, np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(transform, data.shape)
+    lut = np.zeros(256, dtype=np.uint8)
+    for canon, ds in layout.canonical_to_dataset().items():
+        lut[canon] = ds
+    out = lut[lab]
+    others = phantom.other_labels()
+    for ds_id, name in layout.other_labels.items():
+        if name in others:
+            out[others[name]] = ds_id
+    return {"labels": out}
 
 
 def write_dataset(
@@ -1547,40 +1513,34 @@ def write_dataset(
 ) -> list[str]:
     """Write ``cases`` synthetic cases in a dataset layout; returns the case ids written.
 
-    Layouts (docs/architecture.md), label ids being the dataset's own (:mod:`tgated.organs`):
-    ``flare22`` (``images/FLARE22_Tr_XXXX_0000.nii.gz``, ``labels/FLARE22_Tr_XXXX.nii.gz``),
-    ``btcv`` (``img/imgXXXX.nii.gz``, ``label/labelXXXX.nii.gz``; no duodenum, portal/splenic vein
-    as 10), ``amos`` (``imagesTr/amos_XXXX.nii.gz``, ``labelsTr/...``; MR cases numbered from 501),
-    ``nnunet`` (``imagesTr/phantom_XXX_0000.nii.gz``, ``labelsTr/phantom_XXX.nii.gz``,
-    ``dataset.json``; canonical ids), ``totalseg`` (``sXXXX/ct.nii.gz`` or ``mri.nii.gz`` and one
-    binary mask per structure in ``sXXXX/segmentations/``) and ``folder`` (``images/`` and
-    ``labels/`` with ``phantom_XXXX.nii.gz``, canonical ids). Images are int16 (HU for CT), labels
-    uint8; each case is stored in its own orientation (:data:`ORIENTATIONS`) with a non-trivial
-    origin. Case ``i`` is ``make_phantom(seed, case=i, ...)`` whatever ``cases`` is.
+    ``layout`` is a name of :data:`tgated.data.layouts.LAYOUTS`: files are named and labels written
+    as that dataset does (its own label ids; BTCV's portal/splenic vein as its id 10; MR cases of
+    AMOS numbered above its MR threshold; nnU-Net with a ``dataset.json``; TotalSegmentator one
+    binary mask per structure); case ids are the layout's :meth:`~tgated.data.layouts.Layout.phantom_case_id`.
+    Images are int16 (HU for CT), labels uint8; each case is stored in its own orientation (:data:`ORIENTATIONS`) with a
+    non-trivial origin. Case ``i`` is ``make_phantom(seed, case=i, ...)`` whatever ``cases`` is.
 
     Existing case files are an error unless ``overwrite``.
     """
-    from tqdm.auto import tqdm
-
     from tgated.io.files import atomic_write_json
-    from tgated.io.volumes import write_nifti
+    from tgated.io.volumes import reorient, write_nifti
+    from tgated.progress import progress
 
     cases = _check_int("cases", cases, 1, "write at least one case")
     seed = _check_int("seed", seed, 0, "use a non-negative random seed")
     size = _check_int("size", size, MIN_SIZE, f"use an in-plane size of at least {MIN_SIZE} voxels")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
+    spec = get_layout(layout)
     modality = _check_modality(modality)
-    if layout == "amos" and modality == "ct" and cases > AMOS_MR_OFFSET:
+    if spec.mr_above is not None and modality == "ct" and cases > spec.mr_above:
         raise ValueError(
-            f"amos layout: {cases} CT cases would need ids above {AMOS_MR_OFFSET}, which AMOS reserves for MR; "
-            f"write at most {AMOS_MR_OFFSET} CT cases"
+            f"{spec.name} layout: {cases} CT cases would need ids above {spec.mr_above}, which {spec.name} "
+            f"reserves for MR; write at most {spec.mr_above} CT cases"
         )
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise ValueError(f"{root}: exists and is not a folder; expected an output folder")
-    plan = [_case_files(layout, root, i, modality) for i in range(cases)]
-    extra = [root / "dataset.json"] if layout == "nnunet" else []
+    plan = [_case_files(spec, root, i, modality) for i in range(cases)]
+    extra = [root / "dataset.json"] if spec.label_source == "dataset.json" else []
     if not overwrite:
         targets = [p for _, image, labels in plan for p in (image, *labels.values())] + extra
         existing = [p for p in targets if p.exists()]
@@ -1590,16 +1550,16 @@ def write_dataset(
                 "pass overwrite=True (--overwrite) to replace them, or choose another output folder"
             )
     written: list[str] = []
-    for i, (cid, image_path, label_paths) in enumerate(tqdm(plan, desc="phantoms", unit="case", disable=quiet)):
+    for i, (cid, image_path, label_paths) in enumerate(progress(plan, desc="phantoms", unit="case", quiet=quiet)):
         ph = make_phantom(seed, case=i, modality=modality, size=size)
         img = ph.image.astype(np.int16)
-        data, aff = _oriented(img, ph.affine, ph.orientation)
+        data, aff = reorient(img, ph.affine, ph.orientation)
         write_nifti(image_path, data, aff)
-        for key, arr in _dataset_labels(layout, ph).items():
-            lab, _ = _oriented(arr.astype(np.uint8), ph.affine, ph.orientation)
+        for key, arr in _dataset_labels(spec, ph).items():
+            lab, _ = reorient(arr.astype(np.uint8), ph.affine, ph.orientation)
             write_nifti(label_paths[key], lab, aff)
         written.append(cid)
-    if layout == "nnunet":
+    if spec.label_source == "dataset.json":
         atomic_write_json(
             root / "dataset.json",
             {

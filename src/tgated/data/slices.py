@@ -105,10 +105,17 @@ def clip_normalise(x: torch.Tensor, pre: PreprocessConfig) -> torch.Tensor:
     return (x.expand(-1, 3, -1, -1) - mean) / std
 
 
+def check_context(k: int, what: str = "context K") -> int:
+    """``k`` when it is a valid window size (an odd number >= 1: the centre slice has as many
+    neighbours below as above), else a ValueError naming ``what``."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k % 2 == 0:
+        raise ValueError(f"{what}={k!r}: expected an odd number >= 1 (1, 3, 5, 7, ...)")
+    return int(k)
+
+
 def context_indices(n_slices: int, k: int, centres: torch.Tensor | None = None) -> torch.Tensor:
     """(n, K) slice indices of each centre's window, edge slices repeated (``index`` mode)."""
-    if k < 1 or k % 2 == 0:
-        raise ValueError(f"context K must be an odd number >= 1, got {k}")
+    check_context(k)
     c = torch.arange(n_slices) if centres is None else torch.as_tensor(centres)
     offsets = torch.arange(k) - k // 2
     return (c[:, None] + offsets[None, :]).clamp(0, n_slices - 1)
@@ -126,8 +133,7 @@ def physical_context(
     ``(1 - w) · slice[lo] + w · slice[hi]``, with positions clamped to the volume's extent.
     ``positions_mm`` must increase (canonical frame).
     """
-    if k < 1 or k % 2 == 0:
-        raise ValueError(f"context K must be an odd number >= 1, got {k}")
+    check_context(k)
     if step_mm <= 0:
         raise ValueError(f"context_step_mm must be > 0, got {step_mm}")
     pos = torch.as_tensor(np.asarray(positions_mm, dtype=np.float64))

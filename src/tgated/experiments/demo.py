@@ -142,7 +142,7 @@ def run_demo(
     """Run the demo into ``out`` (resumable); returns where everything is and the headline numbers."""
     from tgated.data.datasets import discover, read_splits
     from tgated.data.phantom import write_dataset
-    from tgated.evaluate import evaluate
+    from tgated.evaluation import evaluate
     from tgated.inference.api import predict
     from tgated.report import make_report
     from tgated.training import train
@@ -225,7 +225,7 @@ def run_demo(
 def _real_ct(out_p: Path, runs: dict[str, Path], device: str, quiet: bool) -> dict[str, Path]:
     """Predict and score the real example CT with both models; empty when the scans cannot be fetched."""
     from tgated.data import examples
-    from tgated.evaluate import evaluate
+    from tgated.evaluation import evaluate
     from tgated.inference.api import predict
 
     folder = out_p / "examples"

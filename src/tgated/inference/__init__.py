@@ -6,8 +6,7 @@ Names are re-exported lazily; this package never imports training or report code
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tgated.exports import lazy_exports
 
 _EXPORTS = {
     "predict": "tgated.inference.api",
@@ -20,13 +19,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tgated.inference' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -35,19 +35,16 @@ updated under a file lock.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import fcntl
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tgated import __version__
 from tgated.config import to_dict
 from tgated.data.datasets import case_id_from_path
 from tgated.inference.outputs import (
@@ -62,11 +59,11 @@ from tgated.inference.outputs import (
     write_colour_tables,
     write_statistics_csv,
 )
+from tgated.inference.provenance import LOCK_NAME, PROVENANCE_JSON, case_entries, locked, record_case
 from tgated.io.files import (
     atomic_path,
     atomic_write_json,
     check_inputs_spared,
-    read_json,
     remove_stale_temporaries,
     safe_join,
     sha256_file,
@@ -82,12 +79,9 @@ from tgated.io.volumes import (
     volume_from_nifti,
 )
 from tgated.organs import LABELS_JSON, ORGAN_BY_ID, ORGAN_BY_NAME, labels_json, parse_organs
+from tgated.progress import progress
 
 logger = logging.getLogger(__name__)
-
-PROVENANCE = "provenance.json"
-LOCK_FILE = ".provenance.lock"
-
 
 @dataclass(frozen=True)
 class InputCase:
@@ -160,46 +154,14 @@ def _check_unique(cases: list[InputCase], where: str) -> None:
         raise ValueError(f"--input {where}: several inputs map to the same case id {dupes[:5]}; rename them")
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def read_provenance(folder: Path) -> dict[str, Any]:
-    p = folder / PROVENANCE
-    if not p.is_file():
-        return {}
-    try:
-        data = read_json(p)
-    except ValueError:
-        logger.warning("%s is unreadable; cases will be predicted again", p)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _record_case(folder: Path, model_info: dict[str, Any], case_id: str, entry: dict[str, Any]) -> None:
-    with _locked(folder):
-        remove_stale_temporaries(folder, [PROVENANCE])
-        prov = read_provenance(folder)
-        prov.update({"tool": "tgated", "version": __version__, "model": model_info})
-        prov.setdefault("cases", {})[case_id] = entry
-        atomic_write_json(folder / PROVENANCE, prov)
-
-
 def _write_labels_json(folder: Path, organs) -> None:
     """``labels.json`` and the colour tables (``labels.ctbl``, ``labels.txt``) for ``organs``, plus the
     organs of earlier runs' outputs in the same folder."""
-    with _locked(folder):
+    with locked(folder):
         remove_stale_temporaries(folder, [LABELS_JSON, *COLOUR_TABLES])
         ids = {o.id for o in organs}
-        for entry in (read_provenance(folder).get("cases") or {}).values():
-            names = entry.get("organs") if isinstance(entry, dict) else None
+        for entry in case_entries(folder).values():
+            names = entry.get("organs")
             ids |= {ORGAN_BY_NAME[n].id for n in names or () if isinstance(n, str) and n in ORGAN_BY_NAME}
         chosen = [ORGAN_BY_ID[i] for i in sorted(ids)]
         atomic_write_json(folder / LABELS_JSON, labels_json(chosen))
@@ -207,9 +169,8 @@ def _write_labels_json(folder: Path, organs) -> None:
 
 
 def _update_statistics_csv(folder: Path) -> None:
-    with _locked(folder):
-        entries = (read_provenance(folder).get("cases") or {}).values()
-        write_statistics_csv(folder, [e for e in entries if isinstance(e, dict)])
+    with locked(folder):
+        write_statistics_csv(folder, list(case_entries(folder).values()))
 
 
 def _recorded_files(entry: dict[str, Any]) -> dict[str, Any]:
@@ -221,15 +182,10 @@ def _recorded_files(entry: dict[str, Any]) -> dict[str, Any]:
     return {out: entry.get("output_sha256")} if isinstance(out, str) else {}
 
 
-def _entry(folder: Path, case_id: str) -> dict[str, Any] | None:
-    entry = (read_provenance(folder).get("cases") or {}).get(case_id)
-    return entry if isinstance(entry, dict) else None
-
-
 def _finished(folder: Path, case_id: str, request: dict[str, Any]) -> dict[str, Any] | None:
     """The provenance entry of ``case_id`` when it records the same request (see the module
     docstring); else None. Which of its files are still unchanged is checked by the caller."""
-    entry = _entry(folder, case_id)
+    entry = case_entries(folder).get(case_id)
     if entry is None:
         return None
     for key in ("sha256", "model_hash", "organs", "series"):
@@ -285,7 +241,7 @@ def _check_inputs_spared(
         [("--input", p) for p in given_paths] + [("--input", c.path) for c in inputs],
         writes=[p for pair in targets.values() for p in pair]
         + extras
-        + [folder / n for n in (LABELS_JSON, PROVENANCE, LOCK_FILE, *COLOUR_TABLES, STATISTICS_CSV)],
+        + [folder / n for n in (LABELS_JSON, PROVENANCE_JSON, LOCK_NAME, *COLOUR_TABLES, STATISTICS_CSV)],
         not_inside=[("--input", c.path) for c in inputs if c.path.is_dir()],
     )
 
@@ -390,8 +346,6 @@ def predict(
     ``preview`` choose each case's files (:mod:`tgated.inference.outputs`). Returns the multilabel
     files, or each case's first file when no multilabel map is written.
     """
-    from tqdm.auto import tqdm
-
     from tgated.data.datasets import select_cases
     from tgated.inference.predictor import Predictor
 
@@ -462,7 +416,7 @@ def predict(
     )
     _write_labels_json(folder, chosen)
     written: list[Path] = []
-    for case in tqdm(mine, desc="predict", unit="case", disable=quiet or len(mine) < 2):
+    for case in progress(mine, desc="predict", unit="case", quiet=quiet or len(mine) < 2):
         probs_path = targets[case.case_id][1]
         files = layout[case.case_id]
         uid = _series_for(case, series, dicom)
@@ -497,7 +451,7 @@ def predict(
         else:
             pred = predictor.predict_volume(volume, chosen, modality, keep_probabilities=save_probabilities)
             labels, case_modality, kept, done = pred.labels, pred.modality, {}, []
-            previous = _entry(folder, case.case_id)
+            previous = case_entries(folder).get(case.case_id)
             if previous is not None:  # files of the label map being replaced, not written again
                 remove_stale_outputs(folder, _recorded_files(previous), files.names())
             if probs_file is not None:
@@ -507,7 +461,7 @@ def predict(
         )
         all_files = {**kept, **new}
         label_name = label_file if label_file in all_files else None
-        _record_case(
+        record_case(
             folder,
             minfo,
             case.case_id,

@@ -39,6 +39,7 @@ from tgated.data.slices import (
 )
 from tgated.io.volumes import Volume
 from tgated.organs import ORGANS, Organ, get_organ
+from tgated.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -391,8 +392,6 @@ class Predictor:
     def _predict(
         self, volume: Volume, organ_list: tuple[Organ, ...], mod: str, keep_probabilities: bool
     ) -> Prediction:
-        from tqdm.auto import tqdm
-
         pre = self.model.config.preprocess
         size = int(pre.image_size)
         norm = normalise_intensity(volume.data, mod, pre)
@@ -406,7 +405,9 @@ class Predictor:
         # native-resolution probabilities for this many slices at once (bounded memory)
         group = max(1, min(self.batch_size, int(64e6 // max(1, len(organ_list) * h * w))))
         chunks = range(0, z, self.chunk_slices)
-        bar = tqdm(total=z, desc=Path(volume.source).name[:30], unit="slice", disable=self.quiet, leave=False)
+        bar = progress(
+            total=z, desc=Path(volume.source).name[:30], unit="slice", quiet=self.quiet, lines=False, leave=False
+        )
         for start in chunks:
             end = min(start + self.chunk_slices, z)
             lo, hi = self._halo(positions, start, end)

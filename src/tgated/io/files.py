@@ -5,6 +5,8 @@ killed process leaves either the old file, the new file, or a hidden ``.NAME.tmp
 is never mistaken for output (:func:`is_temporary`); a later run that writes ``NAME`` again removes
 such leftovers first (:func:`remove_stale_temporaries`).
 
+Folders (a saved model, its tokenizer) are replaced whole by :func:`replace_dir`.
+
 Output names built from data (case ids, split entries, file names found in a dataset) go through
 :func:`safe_name` / :func:`safe_join`, so that no value can place a file outside the output folder.
 """
@@ -48,34 +50,6 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
-
-
-def replace_dir(target: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
-    """Write a folder through ``writer(tmp)`` in a hidden temporary next to ``target``, then swap it
-    in, so ``target`` is always either the old or the new complete folder."""
-    dest = Path(target)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{TMP_MARK}"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
-    old = None
-    try:
-        writer(tmp)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old{TMP_MARK}"))
-            old.rmdir()
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not dest.exists():
-            os.replace(old, dest)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return dest
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -165,6 +139,39 @@ def safe_join(
     atomic write, never followed.
     """
     return Path(folder) / safe_name(name, what=what, source=source)
+
+
+def replace_dir(target: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+    """Write a folder through ``writer(tmp)`` into a hidden temporary next to ``target``, then swap it
+    in, so that ``target`` is always either the old or the new complete folder.
+
+    Both the new folder being written and the old one being replaced are named ``.NAME.tmp-*``, so a
+    killed run's leftovers are :func:`is_temporary` and :func:`remove_stale_temporaries` removes them.
+    When the writer or the swap fails, the old folder is put back and the error raised.
+    """
+    dest = Path(target)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{TMP_MARK}"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
+    old = None
+    try:
+        writer(tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}{TMP_MARK}old-"))
+            old.rmdir()
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not dest.exists():
+            os.replace(old, dest)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

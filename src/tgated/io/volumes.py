@@ -17,6 +17,7 @@ import math
 import os
 import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,6 @@ logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
-CANONICAL = axcodes2ornt(("R", "A", "S"))
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 # Two grids are "the same" when their voxel-to-world transforms put every voxel of one within these
@@ -67,8 +67,6 @@ class Volume:
     source: str
     original_shape: tuple[int, ...]
     original_affine: np.ndarray
-    to_canonical: np.ndarray = field(repr=False)
-    """nibabel orientation transform from the original voxel axes to the canonical ones."""
     modality: str | None = None
     """Modality from the file when it says so (DICOM tag 0008,0060: "ct" / "mr"), else None."""
     header: nib.Nifti1Header | None = field(default=None, repr=False)
@@ -101,10 +99,9 @@ class Volume:
             raise ValueError(
                 f"array of shape {array.shape} does not match the volume's canonical shape {self.shape}"
             )
-        back = ornt_transform(CANONICAL, io_orientation(self.original_affine))
         lead = array.shape[:-3]
         flat = array.reshape((-1, *self.shape))
-        out = np.stack([apply_orientation(a, back) for a in flat]) if flat.shape[0] else flat
+        out = np.stack([reorient(a, self.affine, self.axcodes)[0] for a in flat]) if flat.shape[0] else flat
         return out.reshape(lead + tuple(out.shape[-3:]))
 
     def like(self, data: np.ndarray, source: str | None = None) -> Volume:
@@ -117,7 +114,6 @@ class Volume:
             source=source or self.source,
             original_shape=self.original_shape,
             original_affine=self.original_affine,
-            to_canonical=self.to_canonical,
             modality=self.modality,
             header=self.header,
         )
@@ -136,13 +132,19 @@ def strip_suffix(name: str) -> str:
     return name
 
 
-def canonicalize(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reorient ``data`` to RAS by permutation / flips; returns (data, affine, transform)."""
-    ornt = io_orientation(affine)
-    transform = ornt_transform(ornt, CANONICAL)
-    canon = apply_orientation(data, transform)
-    canon_affine = affine @ inv_ornt_aff(transform, data.shape)
-    return np.ascontiguousarray(canon), canon_affine, transform
+def reorient(
+    data: np.ndarray, affine: np.ndarray, axcodes: Sequence[str] = ("R", "A", "S")
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lay ``data`` (on the voxel grid of ``affine``) out with its axes pointing along ``axcodes``
+    (default: the canonical RAS frame): an exact permutation / flip of the array, no interpolation.
+
+    Returns the array and its new affine (the same voxels at the same world positions). This is the
+    package's one reorientation: reading into the canonical frame, writing back to a file's own
+    layout (:meth:`Volume.to_original`) and storing phantoms in varied orientations all use it.
+    """
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(axcodes)))
+    out = np.ascontiguousarray(apply_orientation(data, transform))
+    return out, np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(transform, data.shape)
 
 
 def _check_shape(shape: tuple[int, ...], source: str, kind: str) -> tuple[int, ...]:
@@ -207,9 +209,10 @@ def _check_affine(affine: np.ndarray, source: str) -> None:
         )
 
 
-def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
+def _load_nifti(path: Path):
+    """``nib.load`` with every way a broken file fails turned into one ValueError naming the file."""
     try:
-        img = nib.load(str(path))
+        return nib.load(str(path))
     except (
         nib.filebasedimages.ImageFileError,
         EOFError,
@@ -219,6 +222,10 @@ def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray, nib.Ni
         ValueError,
     ) as exc:
         raise ValueError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
+    img = _load_nifti(path)
     kind = "label map" if label else "image"
     if 0 in img.shape:
         raise ValueError(
@@ -447,18 +454,8 @@ def probe_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> t
         size = reader.GetSize()
         return _check_shape((size[0], size[1], len(files)), str(p), "image")  # type: ignore[return-value]
     if p.name.lower().endswith(NIFTI_SUFFIXES):
-        try:
-            img = nib.load(str(p))
-            shape, dtype = img.shape, img.get_data_dtype()
-        except (
-            nib.filebasedimages.ImageFileError,
-            EOFError,
-            OSError,
-            zlib.error,
-            gzip.BadGzipFile,
-            ValueError,
-        ) as exc:
-            raise ValueError(f"{p}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+        img = _load_nifti(p)
+        shape, dtype = img.shape, img.get_data_dtype()
         _check_dtype(dtype, str(p), "image")
         return _check_shape(shape, str(p), "image")  # type: ignore[return-value]
     if p.name.lower().endswith(ITK_SUFFIXES):
@@ -485,14 +482,13 @@ def volume_from_array(
     header: nib.Nifti1Header | None = None,
 ) -> Volume:
     """Wrap an array in its original layout and its RAS affine as a canonical :class:`Volume`."""
-    canon, canon_affine, transform = canonicalize(np.asarray(data), np.asarray(affine, dtype=np.float64))
+    canon, canon_affine = reorient(np.asarray(data), np.asarray(affine, dtype=np.float64))
     return Volume(
         data=canon,
         affine=canon_affine,
         source=source,
         original_shape=tuple(int(s) for s in data.shape),
         original_affine=np.asarray(affine, dtype=np.float64),
-        to_canonical=transform,
         modality=modality,
         header=header,
     )

@@ -6,8 +6,7 @@ Names are re-exported lazily so that importing the package does not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tgated.exports import lazy_exports
 
 _EXPORTS = {
     "TGatedModel": "tgated.models.tgated",
@@ -21,13 +20,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'tgated.models' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

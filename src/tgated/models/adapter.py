@@ -29,13 +29,12 @@ At initialisation the adapted tokens equal ``(1 − σ(−5))·h_centre``, i.e. 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tgated.config import AdapterConfig
+from tgated.data.slices import check_context
 
 COMPONENTS = ("temporal", "gate", "spatial", "head")
 
@@ -218,8 +217,7 @@ class TGatedAdapter(nn.Module):
         residual_head: bool = True,
     ) -> None:
         super().__init__()
-        if context < 1 or context % 2 == 0:
-            raise ValueError(f"context K must be an odd number >= 1, got {context}")
+        check_context(context)
         if gate and not temporal:
             raise ValueError(
                 "adapter gate: true needs temporal: true (the gate mixes the temporal and the centre "
@@ -280,7 +278,3 @@ class TGatedAdapter(nn.Module):
                 out[name] = sum(p.numel() for p in module.parameters())
         return out
 
-
-def expected_init_ratio(gate_bias_init: float) -> float:
-    """Relative deviation ‖adapted − centre‖/‖centre‖ of a freshly built gated adapter: σ(b)."""
-    return 1.0 / (1.0 + math.exp(-gate_bias_init))

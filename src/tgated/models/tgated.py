@@ -47,11 +47,18 @@ import torch
 from torch import nn
 
 from tgated.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
-from tgated.data.slices import clip_normalise, context_indices, gather_windows, physical_context
+from tgated.data.slices import (
+    check_context,
+    clip_normalise,
+    context_indices,
+    gather_windows,
+    physical_context,
+)
 from tgated.io.files import atomic_path, atomic_write_json, replace_dir, safe_join, sha256_file
 from tgated.models.adapter import COMPONENTS, TGatedAdapter
 from tgated.models.backbone import build_clipseg, check_no_custom_code, load_backbone, seeded, skip_init
 from tgated.organs import NUM_ORGANS, ORGANS, Organ, get_organ, parse_organs
+from tgated.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -194,11 +201,7 @@ class TGatedModel(nn.Module):
                 )
             self.context = 1
         else:
-            if cfg.context < 1 or cfg.context % 2 == 0:
-                raise ValueError(
-                    f"model.context={cfg.context}: expected an odd number >= 1 (1, 3, 5, 7, ...)"
-                )
-            self.context = int(cfg.context)
+            self.context = check_context(cfg.context, "model.context")
 
         if cfg.variant == "reference":
             final = self.num_encoder_layers - 1
@@ -566,14 +569,13 @@ class TGatedModel(nn.Module):
         Returns tokens (U, L, N, C) on the model's device (``cache_dtype``, default the model's)
         and the :class:`WindowPlan`; window tokens are ``tokens[plan.index]``.
         """
-        from tqdm.auto import tqdm
-
         if slices.dim() != 4:
             raise ValueError(f"slices: expected (Z, 1, S, S), got shape {tuple(slices.shape)}")
         _check_batch_size(batch_size)
         plan = self.plan(slices.shape[0], positions_mm, centres)
         chunks = []
-        for start in tqdm(range(0, plan.num_images, batch_size), desc="encode", disable=quiet, leave=False):
+        batches = range(0, plan.num_images, batch_size)
+        for start in progress(batches, desc="encode", quiet=quiet, lines=False, leave=False):
             which = slice(start, start + batch_size)
             tok = self.encode(plan.images(slices, which))
             chunks.append(tok if cache_dtype is None else tok.to(cache_dtype))
@@ -604,16 +606,14 @@ class TGatedModel(nn.Module):
         decoder once per (slice, organ) pair, ``batch_size`` slices × O organs per call. Organs
         (default: the model's) are returned in the order given. Call in eval mode.
         """
-        from tqdm.auto import tqdm
-
         organ_list = self._organ_list(organs)
         cond = self.text_embeddings([self.prompt(o) for o in organ_list])
         tokens, plan = self.encode_stack(
             slices, positions_mm=positions_mm, batch_size=batch_size, quiet=quiet
         )
         n_org = len(organ_list)
-        for start in tqdm(
-            range(0, plan.index.shape[0], batch_size), desc="decode", disable=quiet, leave=False
+        for start in progress(
+            range(0, plan.index.shape[0], batch_size), desc="decode", quiet=quiet, lines=False, leave=False
         ):
             idx = plan.index[start : start + batch_size].to(tokens.device)
             n = idx.shape[0]

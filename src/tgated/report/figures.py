@@ -130,7 +130,7 @@ def evaluation_overlays(e: Evaluation, out_dir: Path, max_cases: int = 2) -> lis
     (``summary["scored_organs"]``). Missing pieces are skipped with a log message.
     """
     from tgated.data.datasets import ground_truth_cases, load_label
-    from tgated.io.files import read_json
+    from tgated.inference.provenance import case_entries
     from tgated.io.volumes import read_volume
 
     pred_dir, gt_root = e.summary.get("pred"), e.summary.get("gt")
@@ -145,10 +145,7 @@ def evaluation_overlays(e: Evaluation, out_dir: Path, max_cases: int = 2) -> lis
     except (OSError, ValueError) as exc:
         logger.info("%s: ground truth unreadable (%s); no overlays", e.name, exc)
         return []
-    provenance = {}
-    prov_path = Path(pred_dir) / "provenance.json"
-    if prov_path.is_file():
-        provenance = (read_json(prov_path) or {}).get("cases", {})
+    provenance = case_entries(pred_dir)
     cases = sorted({r["case"] for r in e.rows})[:max_cases]
     scored = e.summary.get("scored_organs")  # None: every organ the dataset labels
     keep = [ORGAN_BY_NAME[n].id for n in scored if n in ORGAN_BY_NAME] if scored else None

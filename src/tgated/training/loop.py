@@ -87,6 +87,7 @@ from tgated.io.files import (
     replace_dir,
 )
 from tgated.organs import Organ
+from tgated.progress import progress
 from tgated.training.augment import (
     Transform,
     apply_transform,
@@ -146,12 +147,12 @@ VAL_CACHE_GB = 4.0
 CACHE_ENCODE_BATCH = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
-    """What :func:`train` returns; usable as the run folder's path (``os.fspath(result)``,
-    ``result / "model"``)."""
+    """What :func:`train` returns: where the run is and how it ended."""
 
     run_dir: Path
+    """The run folder (``run_dir / "model"`` is the best model)."""
     best_dice: float | None
     """Best validation mean Dice (None when no validation ran)."""
     best_epoch: int | None
@@ -162,12 +163,6 @@ class TrainResult:
     """Optimizer steps taken."""
     finished: bool
     """False when the run stopped at ``train.max_steps`` before its last epoch."""
-
-    def __fspath__(self) -> str:
-        return str(self.run_dir)
-
-    def __truediv__(self, other: str | os.PathLike) -> Path:
-        return self.run_dir / other
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,11 +506,9 @@ class _Trainer:
         self.model_organs: tuple[Organ, ...] = tuple(self.model.organs)
         organ_ids = [o.id for o in self.model_organs]
 
-        from tqdm.auto import tqdm
-
         self.volumes = [
             load_train_volume(c, cfg.model.preprocess)
-            for c in tqdm(self.train_cases, desc="loading training volumes", unit="case", disable=self.quiet)
+            for c in progress(self.train_cases, desc="loading training volumes", unit="case", quiet=self.quiet)
         ]
         mb = sum(v.nbytes for v in self.volumes) / 1e6
         self.info(
@@ -638,18 +631,16 @@ class _Trainer:
             self._cache_dir = tempfile.TemporaryDirectory(
                 dir=self.run, prefix=f".token-cache-rank{self.ctx.rank}-"
             )
-        from tqdm.auto import tqdm
-
         out: list[Any] = []
         was_training = model.training
         model.eval()
         try:
             for v, (vol, plan) in enumerate(
-                tqdm(
+                progress(
                     list(zip(self.volumes, self.plans, strict=True)),
                     desc="caching tokens",
                     unit="case",
-                    disable=self.quiet,
+                    quiet=self.quiet,
                 )
             ):
                 u = plan.lo.numel()
@@ -791,8 +782,6 @@ class _Trainer:
 
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; False when ``max_steps`` stopped it."""
-        from tqdm.auto import tqdm
-
         t = self.t
         order = epoch_samples(self.index, self.samples_per_epoch, t.negative_fraction, self.seed, self.epoch)
         data = _EpochBatches(
@@ -817,12 +806,13 @@ class _Trainer:
             # or a resumed epoch would differ from an uninterrupted one
             generator=torch.Generator().manual_seed(self.epoch),
         )
-        bar = tqdm(
+        bar = progress(
             total=self.micro_per_epoch,
             initial=self.pos,
             desc=f"epoch {self.epoch + 1}/{t.epochs}",
             unit="batch",
-            disable=self.quiet,
+            quiet=self.quiet,
+            lines=False,  # one line per epoch is logged after it
             leave=False,
         )
         self.net.train()
@@ -1040,7 +1030,7 @@ def train(
     ``config``: a YAML file or an :class:`~tgated.config.ExperimentConfig` (not modified);
     ``overrides``: ``key=value`` strings applied on top (``train.epochs=5``); ``resume``: continue
     ``out/checkpoints/last.pt`` (a missing or empty ``out`` starts a new run); ``quiet``: no progress
-    bars. Returns a :class:`TrainResult` (``os.fspath(result)`` is the run folder). Under ``torchrun``
+    bars. Returns a :class:`TrainResult` (``result.run_dir`` is the run folder). Under ``torchrun``
     every process calls this; rank 0 writes the files.
     """
     cfg = resolve_config(config, overrides)

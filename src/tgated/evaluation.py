@@ -1,5 +1,8 @@
 """Score a folder of predictions against a dataset's ground truth: ``metrics.csv`` + ``summary.json``.
 
+:func:`evaluate` is ``tgated evaluate`` and ``tgated.evaluate``; this module is named ``evaluation`` so
+that the package attribute ``tgated.evaluate`` is always that function.
+
 See docs/architecture.md (Metrics, Files). Predictions are ``<case id>.nii.gz`` label maps in
 canonical organ ids (0 = background, 1-13 as in :mod:`tgated.organs`), matched to the ground-truth cases that
 :func:`tgated.data.datasets.ground_truth_cases` finds for the layout (``--gt`` is the dataset root,
@@ -35,8 +38,6 @@ import logging
 import math
 import multiprocessing
 import os
-import sys
-import types
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -44,10 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from tgated import __version__
-from tgated.data.datasets import Case, case_id_from_path, check_layout, ground_truth_cases, load_label
+from tgated.data.datasets import Case, case_id_from_path, ground_truth_cases, load_label
+from tgated.data.layouts import get_layout
+from tgated.inference.provenance import PROVENANCE_JSON, case_entries, model_entry, read_provenance
 from tgated.io.files import (
     atomic_write_json,
     atomic_write_text,
@@ -60,19 +62,17 @@ from tgated.io.volumes import NIFTI_SUFFIXES, Volume, check_same_grid, read_volu
 from tgated.metrics import (
     CSV_COLUMNS,
     OrganScore,
-    check_protocol,
-    flare22_case_scores,
-    native_case_scores,
-    paper_case_scores,
+    case_scores,
     summarise,
 )
 from tgated.organs import LABELS_JSON, NUM_ORGANS, parse_organs
+from tgated.progress import progress
+from tgated.protocols import FILE_AXES_PROTOCOLS, check_protocol
 
 logger = logging.getLogger(__name__)
 
 METRICS_CSV = "metrics.csv"
 SUMMARY_JSON = "summary.json"
-PROVENANCE_JSON = "provenance.json"
 MAX_WORKERS = 4
 """Upper bound on worker processes: each holds two full volumes (about 1 GB for 512×512×200)."""
 MIN_CASES_PER_WORKER = 4
@@ -160,31 +160,6 @@ def _file_spacing(vol: Volume) -> tuple[float, float, float]:
     return tuple(float(v) for v in np.linalg.norm(vol.original_affine[:3, :3], axis=0))  # type: ignore[return-value]
 
 
-def _model_info(pred_dir: Path) -> dict[str, Any] | None:
-    """The model entry of the prediction folder's ``provenance.json`` (hash, name), when there is one.
-
-    Reports group evaluations of the same model by it. Accepts ``{"model": {"hash": ...}}`` or
-    ``{"model_hash": ...}``; an unreadable file is logged and ignored (it does not affect scores).
-    """
-    path = pred_dir / PROVENANCE_JSON
-    if not path.is_file():
-        return None
-    try:
-        prov = read_json(path)
-    except (OSError, ValueError) as exc:
-        logger.warning("%s: ignored (%s)", path, exc)
-        return None
-    if not isinstance(prov, dict):
-        return None
-    model = prov.get("model")
-    info: dict[str, Any] = {}
-    if isinstance(model, dict):
-        info = {k: model[k] for k in ("hash", "name", "path") if isinstance(model.get(k), str)}
-    if "hash" not in info and isinstance(prov.get("model_hash"), str):
-        info["hash"] = prov["model_hash"]
-    return info or None
-
-
 def check_provenance(pred_dir: Path, predictions: dict[str, Path]) -> list[str]:
     """Warnings about the prediction folder's ``provenance.json`` (written by ``tgated predict``), logged
     and returned: predictions of several models mixed in one folder, predictions it does not record
@@ -192,24 +167,18 @@ def check_provenance(pred_dir: Path, predictions: dict[str, Path]) -> list[str]:
     A folder without ``provenance.json`` gets no warning; scores never depend on it.
     """
     path = pred_dir / PROVENANCE_JSON
-    if not path.is_file():
-        return []
-    try:
-        prov = read_json(path)
-    except (OSError, ValueError):
-        return []  # reported by _model_info
-    cases = prov.get("cases") if isinstance(prov, dict) else None
-    if not isinstance(cases, dict):
+    cases = case_entries(pred_dir)
+    if not cases:
         return []
     out = []
     entries = {cid: cases.get(cid) for cid in predictions}
-    missing = sorted(cid for cid, e in entries.items() if not isinstance(e, dict))
+    missing = sorted(cid for cid, e in entries.items() if e is None)
     if missing:
         out.append(
             f"{path}: does not record {len(missing)} prediction(s) ({_listing(missing)}); they were written by "
             "another tool or by an interrupted run — re-run tgated predict on that folder to be sure"
         )
-    recorded = {cid: e for cid, e in entries.items() if isinstance(e, dict)}
+    recorded = {cid: e for cid, e in entries.items() if e is not None}
     models = sorted({str(e.get("model_hash")) for e in recorded.values()})
     if len(models) > 1:
         out.append(
@@ -249,20 +218,18 @@ def score_case_files(
     check_same_grid(pred_vol, gt, case=case.case_id)
     pred = _check_prediction(pred_vol)
     scored = [o for o in case.labelled if organs is None or o in organs]
-    if protocol == "flare22":
-        # The FLARE22 script works on the label file's own array axes and header zooms.
-        scores = flare22_case_scores(gt.to_original(gt.data), gt.to_original(pred), _file_spacing(gt), scored)
-        for s in scores:
-            if s.gt_voxels and math.isnan(s.dice):
-                logger.warning(
-                    "%s: %s lies in a single slice; the FLARE22 z-crop leaves nothing to score (NaN)",
-                    case.case_id,
-                    s.organ,
-                )
-        return scores
-    if protocol == "paper":
-        return paper_case_scores(gt.data, pred, scored)
-    return native_case_scores(gt.data, pred, gt.spacing, scored)
+    if protocol in FILE_AXES_PROTOCOLS:
+        scores = case_scores(gt.to_original(gt.data), gt.to_original(pred), _file_spacing(gt), scored, protocol)
+    else:
+        scores = case_scores(gt.data, pred, gt.spacing, scored, protocol)
+    for s in scores:
+        if protocol in FILE_AXES_PROTOCOLS and s.gt_voxels and math.isnan(s.dice):
+            logger.warning(
+                "%s: %s lies in a single slice; the FLARE22 z-crop leaves nothing to score (NaN)",
+                case.case_id,
+                s.organ,
+            )
+    return scores
 
 
 def _run_job(job: _Job) -> list[OrganScore]:
@@ -377,14 +344,7 @@ def training_cases(pred_dir: Path) -> tuple[str | None, list[str]]:
     run folder that still exists is read again); (None, []) when the provenance names no run."""
     from tgated.data.datasets import run_splits
 
-    path = pred_dir / PROVENANCE_JSON
-    if not path.is_file():
-        return None, []
-    try:
-        prov = read_json(path)
-    except (OSError, ValueError):
-        return None, []
-    model = prov.get("model") if isinstance(prov, dict) else None
+    model = read_provenance(pred_dir).get("model")
     if not isinstance(model, dict) or not isinstance(model.get("run"), str):
         return None, []
     run = model["run"]
@@ -536,9 +496,9 @@ def evaluate(
     """
     from tgated.data.datasets import select_cases
 
-    check_layout(dataset)
+    spec = get_layout(dataset)
     check_protocol(protocol)
-    if totalseg_task is not None and dataset != "totalseg":
+    if totalseg_task is not None and spec.label_source != "structures":
         raise ValueError(
             f"--totalseg-task {totalseg_task!r} applies to the totalseg dataset only, not {dataset!r}; drop it"
         )
@@ -616,20 +576,20 @@ def evaluate(
         f" with {n_workers} worker processes" if n_workers > 1 else "",
     )
     rows: list[dict[str, Any]] = []
-    progress = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=quiet)
+    bar = progress(total=len(jobs), desc="evaluate", unit="case", quiet=quiet)
     try:
         if n_workers > 1:
             method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
             with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method)) as pool:
                 for job, scores in zip(jobs, pool.map(_run_job, jobs), strict=True):
                     rows += [s.row(job.case.case_id) for s in scores]
-                    progress.update()
+                    bar.update()
         else:
             for job in jobs:
                 rows += [s.row(job.case.case_id) for s in _run_job(job)]
-                progress.update()
+                bar.update()
     finally:
-        progress.close()
+        bar.close()
     if not rows:
         raise ValueError(
             f"{Path(gt)}: the {dataset} ground truth labels none of our organs; nothing to score "
@@ -658,7 +618,7 @@ def evaluate(
         "totalseg_task": totalseg_task,
         "tool_version": __version__,
     }
-    model = _model_info(Path(pred))
+    model = model_entry(Path(pred))
     if model is not None:
         summary["model"] = model
     if out is not None:
@@ -667,15 +627,3 @@ def evaluate(
         atomic_write_json(out_dir / SUMMARY_JSON, _json_safe(summary))
         logger.info("wrote %s and %s", out_dir / METRICS_CSV, out_dir / SUMMARY_JSON)
     return summary
-
-
-class _CallableModule(types.ModuleType):
-    """``tgated.evaluate`` is both this module and the function :func:`evaluate`: once the module
-    is imported (``from tgated.evaluate import ...``) the package attribute is the module, so the
-    module forwards calls to the function and ``tgated.evaluate(...)`` works either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
