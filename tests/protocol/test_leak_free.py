@@ -15,8 +15,8 @@ from tests.test_evaluate import ground_truth, write
 from tgated.cli import main
 from tgated.config import ExperimentConfig, dump_yaml, replace
 from tgated.data.datasets import select_cases, write_splits
+from tgated.data.layouts import LAYOUTS
 from tgated.evaluation import evaluate
-from tgated.organs import canonical_to_dataset
 
 SPLITS = {
     "train": ["FLARE22_Tr_0001", "FLARE22_Tr_0003"],
@@ -174,7 +174,7 @@ def test_selected_cases_need_inputs_predictions_and_ground_truth(tmp_path, run, 
 def _amos(tmp_path: Path) -> tuple[Path, Path]:
     """AMOS labels for a CT case (0001) and an MR case (0507); predictions: CT perfect, MR with the
     spleen missing (liver, spleen, aorta labelled: Dice 1, 0, 1 -> mean 2/3)."""
-    to_ds = canonical_to_dataset("amos")
+    to_ds = LAYOUTS["amos"].canonical_to_dataset()
     gt = ground_truth()
     ds = np.zeros_like(gt)
     for cid, ds_id in to_ds.items():
