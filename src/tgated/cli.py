@@ -33,6 +33,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment_evidence(args: argparse.Namespace) -> int:
+    from tgated.experiments.evidence import run_evidence
+
+    run_evidence(
+        out=args.out,
+        seeds=args.seeds,
+        cases=args.cases,
+        quick=args.quick,
+        overrides=args.set,
+        device=args.device,
+        quiet=args.quiet,
+    )
+    print(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
+    return 0
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from tgated.data.phantom import write_dataset
 
@@ -266,11 +282,31 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("info", help="resolved config and parameter counts (JSON)")
-    p.add_argument("config", help="YAML experiment config")
+    p = sub.add_parser(
+        "info", help="resolved config, parameter counts, conditioning and adapter statistics (JSON)"
+    )
+    p.add_argument("config", help="YAML experiment config, or a trained run / model folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     _common(p)
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("experiment", help="experiments: the CPU evidence experiment")
+    exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    p = exp.add_parser(
+        "evidence",
+        help="T-Gated vs the single-slice baseline vs the no-context adapter on phantoms, 3 seeds",
+        description="The pre-registered CPU evidence experiment (docs/evidence.md): fresh phantoms, the "
+        "configs/cpu_evidence.yaml recipe for T-Gated (K=5), adapter: none and context: 1, several seeds, "
+        "held-out Dice, paired comparisons, the context ablation; results.json and results.md. Resumable.",
+    )
+    p.add_argument("--out", default="tgated_evidence", help="output folder (default: ./tgated_evidence)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3)")
+    p.add_argument("--cases", type=int, default=None, help="phantoms in all (default 26: 12 train, 2 val, 12 test)")
+    p.add_argument("--quick", action="store_true", help="a one-minute pipeline check (its numbers mean nothing)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _common(p)
+    p.set_defaults(func=_cmd_experiment_evidence)
 
     p = sub.add_parser("report", help="comparison tables, plots and report.html from runs / evaluations")
     p.add_argument("inputs", nargs="+", help="run folders or evaluation folders")

@@ -109,6 +109,11 @@ class AdapterConfig:
     gate_bias_init: float = -5.0
     gate_reg: float = 1e-3
     """Weight λ of the gate regulariser λ·mean(σ(b)(1−σ(b)))."""
+    temporal_out_init: Literal["zero", "normal"] = "zero"
+    """Initialisation of the temporal branch's output projection: ``zero`` (the temporal output
+    starts at 0, so adapted tokens equal the centre tokens up to the gate's σ(b)) or ``normal``
+    (PyTorch's default fan-in init, as the published code: the gate's weights get a gradient from
+    step 0, and the adapted tokens still stay within a few σ(b) of the centre tokens)."""
 
 
 @dataclass
@@ -130,6 +135,15 @@ class ModelConfig:
     adapt_layers: list[int] = field(default_factory=lambda: [9])
     """Which extracted encoder layers are adapted; the decoder still reads all of them."""
     train_backbone: bool = False
+    conditioning: Literal["auto", "text", "learned"] = "auto"
+    """How the decoder is told which organ to segment: ``text`` = the frozen text tower's prompt
+    embedding (the paper); ``learned`` = a trainable embedding per organ, initialised from the text
+    embeddings, or orthogonally when the backbone is random (a random text tower maps every prompt to
+    nearly the same vector); ``auto`` = ``learned`` for ``backbone.source: random``, else ``text``.
+    A saved model records the resolved value."""
+    init_from: str = ""
+    """A saved T-Gated model (model folder or run folder) whose backbone, decoder and organ
+    conditioning initialise this model; its adapters start fresh. Empty = ``backbone.source``."""
     adapter_config: AdapterConfig = field(default_factory=AdapterConfig)
     organs: list[str] = field(default_factory=list)
     """Organs the model segments (empty = all 13)."""
@@ -171,6 +185,8 @@ class TrainConfig:
     lr_decoder: float = 1e-4
     lr_backbone: float = 1e-6
     """Learning rate of the CLIP vision tower (used with ``model.train_backbone: true``)."""
+    lr_conditioning: float = 1e-4
+    """Learning rate of the learned organ embeddings (``model.conditioning: learned``)."""
     weight_decay: float = 1e-4
     warm_restart_epochs: int = 10
     """Cosine schedule with warm restarts: length of each cycle in epochs (stepped per optimizer step)."""
@@ -212,6 +228,9 @@ class TrainConfig:
     """Validate every N epochs (3-D Dice on the validation volumes) and after the last epoch."""
     val_max_cases: int = 0
     """0 = all validation cases."""
+    val_context_ablation: bool = True
+    """Models with context (K > 1) are also validated with every window's neighbours replaced by its
+    centre slice (``val_dice_centre_only`` in ``log.csv``): the difference is what context adds."""
     num_workers: int = 0
     """Data-loading worker processes (0 = in the training process)."""
     seed: int = 0
@@ -225,12 +244,26 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """How the model named by ``model.init_from`` is made when it does not exist yet.
+
+    ``tgated train`` then first trains this same config with ``overrides`` applied (``key=value``
+    strings as ``--set``; typically ``model.adapter=none``, ``model.train_backbone=true`` and a
+    schedule) into the run folder ``model.init_from``, and initialises from it. Several runs naming
+    the same folder share one stage-1 model. Empty ``overrides``: nothing is trained, and a missing
+    ``model.init_from`` is an error."""
+
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 # --------------------------------------------------------------------------------------------

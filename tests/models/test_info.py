@@ -37,7 +37,9 @@ def test_info_on_a_tiny_config(tmp_path) -> None:
     assert info["config"]["model"]["adapt_layers"] == [2, 3]
     params = info["parameters"]
     assert set(params) >= {"backbone", "adapter", "decoder", "trainable", "adapter_components"}
-    assert params["trainable"] == params["adapter"] + params["decoder"]  # frozen backbone
+    # frozen backbone; random backbone -> learned conditioning, 13 organs x projection_dim 32
+    assert params["conditioning"] == 13 * 32
+    assert params["trainable"] == params["adapter"] + params["decoder"] + params["conditioning"]
     assert sum(params["adapter_components"].values()) == params["adapter"]
     assert "random weights" in info["note"]
     json.dumps(info)  # serialisable as is

@@ -172,3 +172,43 @@ def test_clipseg_directory_as_backbone_source(make_model, tiny_config, tmp_path,
     cfg.backbone.source = "./no/such/dir"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TGatedModel.from_config(cfg)
+
+
+def test_learned_conditioning_round_trips(saved) -> None:
+    model, out = saved
+    assert json.loads((out / "config.json").read_text())["model"]["conditioning"] == "learned"
+    loaded = TGatedModel.from_pretrained(out)
+    torch.testing.assert_close(loaded.organ_embedding, model.organ_embedding, rtol=0, atol=0)
+
+
+def test_model_saved_before_the_conditioning_key_loads_as_text(make_model, tmp_path) -> None:
+    out = make_model(conditioning="text").save_pretrained(tmp_path / "old")
+    meta = json.loads((out / "config.json").read_text())
+    del meta["model"]["conditioning"]
+    (out / "config.json").write_text(json.dumps(meta))
+    assert TGatedModel.from_pretrained(out).conditioning == "text"
+
+
+def test_init_from_takes_backbone_decoder_and_conditioning_and_starts_fresh_adapters(
+    make_model, tiny_config, randomise, tmp_path
+) -> None:
+    stage1 = make_model(adapter="none", train_backbone=True)
+    with torch.no_grad():  # make stage 1 differ from a fresh random model
+        for p in stage1.parameters():
+            p.add_(0.01)
+    stage1.save_pretrained(tmp_path / "stage1" / "model")
+    model = TGatedModel.from_config(tiny_config(init_from=str(tmp_path / "stage1"), context=3))
+    assert model.conditioning == "learned" and model.context == 3
+    assert "initialised from" in model.note
+    theirs = dict(stage1.named_parameters())
+    for name, p in model.named_parameters():
+        if name.startswith("adapters."):
+            continue
+        assert torch.equal(p, theirs[name]), name
+    fresh = make_model(context=3)
+    for name, p in model.adapters.named_parameters():
+        assert torch.equal(p, dict(fresh.adapters.named_parameters())[name]), name
+    with pytest.raises(ValueError, match="other preprocessing"):
+        cfg = tiny_config(init_from=str(tmp_path / "stage1"))
+        cfg.preprocess.image_size = 32
+        TGatedModel.from_config(cfg)

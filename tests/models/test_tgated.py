@@ -8,9 +8,12 @@ import pytest
 import torch
 from transformers import CLIPSegForImageSegmentation
 
+from tgated.config import AdapterConfig
 from tgated.models.tgated import TGatedModel, plan_windows
+from tgated.organs import ORGANS, get_organ
 
 S = 64
+SMALL_ADAPTER = {"dim": 32, "layers": 2, "heads": 4, "ffn_dim": 64, "spatial_heads": 4}
 
 
 def _windows(k: int, b: int = 2, seed: int = 0) -> torch.Tensor:
@@ -90,7 +93,7 @@ def test_wrong_image_size_is_an_error(make_model) -> None:
 
 
 def test_organ_ids_names_and_embeddings_agree(make_model) -> None:
-    model = make_model().eval()
+    model = make_model(conditioning="text").eval()
     w = _windows(3)
     emb = model.text_embeddings([model.prompt("liver"), model.prompt("left_kidney")])
     with torch.no_grad():
@@ -104,8 +107,42 @@ def test_organ_ids_names_and_embeddings_agree(make_model) -> None:
         model(pixel_windows=w, organs=torch.tensor([0, 14]))
 
 
+def test_learned_conditioning_ids_names_and_vectors_agree(make_model) -> None:
+    model = make_model().eval()  # random backbone: conditioning auto -> learned
+    assert model.conditioning == "learned" and model.config.conditioning == "learned"
+    w = _windows(3)
+    vectors = model.organ_conditioning([get_organ("liver"), get_organ("left_kidney")])
+    torch.testing.assert_close(vectors, model.organ_embedding[[0, 12]].detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        a = model(pixel_windows=w, organs=torch.tensor([1, 13]))
+        b = model(pixel_windows=w, organs=["liver", "left kidney"])
+        c = model(pixel_windows=w, organs=vectors)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_random_text_tower_collapses_the_prompts_and_learned_conditioning_does_not(make_model) -> None:
+    # A random text tower maps different prompts to nearly parallel vectors: the decoder cannot
+    # tell the organs apart. The learned embeddings start orthogonal (13 rows in 32 dimensions).
+    text = make_model(conditioning="text").conditioning_similarity(list(ORGANS))
+    assert text["max_off_diagonal"] > 0.9
+    learned = make_model().conditioning_similarity(list(ORGANS))
+    assert learned["conditioning"] == "learned"
+    assert learned["max_off_diagonal"] < 0.9
+    assert abs(learned["max_off_diagonal"]) < 1e-4  # orthogonal rows
+    assert all(abs(learned["cosine"][i][i] - 1) < 1e-4 for i in range(len(ORGANS)))
+
+
+def test_learned_conditioning_starts_from_the_text_embeddings_of_a_pretrained_tower(make_model) -> None:
+    model = make_model(conditioning="text")
+    start = model._initial_organ_embedding(random_text=False)
+    torch.testing.assert_close(start, model.text_embeddings([model.prompt(o) for o in ORGANS]).float())
+    ortho = model._initial_organ_embedding(random_text=True)
+    torch.testing.assert_close(ortho.norm(dim=1).mean(), start.norm(dim=1).mean(), rtol=1e-4, atol=0)
+
+
 def test_text_embeddings_are_cached_and_frozen(make_model, monkeypatch) -> None:
-    model = make_model()
+    model = make_model(conditioning="text")
     assert not any(p.requires_grad for p in model.backbone.clip.text_model.parameters())
     first = model.text_embeddings(["liver", "spleen"])
     calls = []
@@ -144,6 +181,38 @@ def test_adapted_tokens_equal_centre_at_init(make_model) -> None:
     assert ratio.min() > 0.006  # the gate's σ(−5) = 0.67 %: the adapter is there
     for other in (0, 1):  # unadapted layers come from the centre slice unchanged
         assert torch.equal(acts[other], tokens[:, 2, other])
+
+
+def test_adapter_statistics_at_init(make_model) -> None:
+    model = make_model(context=5).eval()
+    model.track_adapter_stats(True)
+    with torch.no_grad():
+        model(pixel_windows=_windows(5), organs=[1, 2])
+    stats = model.pop_adapter_stats()
+    assert set(stats) == {3}
+    assert stats[3]["gate_open"] == pytest.approx(1 / (1 + math.exp(5.0)), rel=1e-5)
+    # zero-initialised temporal output: h = (1 - g) * centre, so the share is exactly σ(−5)
+    assert stats[3]["temporal_share"] == pytest.approx(1 / (1 + math.exp(5.0)), rel=1e-4)
+    assert model.pop_adapter_stats() == {}  # popped
+    model.track_adapter_stats(False)
+    with torch.no_grad():
+        model(pixel_windows=_windows(5), organs=[1, 2])
+    assert model.pop_adapter_stats() == {}
+
+
+def test_normal_temporal_init_stays_near_the_centre_tokens(make_model) -> None:
+    # the published initialisation: the temporal output is not zero, but the nearly closed gate
+    # keeps the adapted tokens within a few percent of the centre tokens (measured tolerance)
+    model = make_model(context=5, adapter_config=AdapterConfig(**SMALL_ADAPTER, temporal_out_init="normal"))
+    model.eval()
+    with torch.no_grad():
+        tokens = model.encode(_windows(5).flatten(0, 1)).unflatten(0, (2, 5))
+        acts = model.adapt(tokens)
+    j = model.token_layers.index(3)
+    centre = tokens[:, 2, j]
+    ratio = (acts[j] - centre).norm(dim=-1) / centre.norm(dim=-1)
+    assert 0.006 < ratio.max() < 0.03
+    assert model.adapters["3"].temporal.out_proj.weight.abs().sum() > 0
 
 
 def test_gate_regulariser_value_at_init(make_model) -> None:
@@ -329,6 +398,27 @@ def test_plan_windows_physical_mode_dedups_and_interpolates() -> None:
     # each distinct image once: 0, 10, 20, 30 and the interpolated 5, 15, 25
     assert plan.num_images == 7
     assert torch.equal(images[plan.index[:, 1]], torch.tensor([0.0, 10.0, 20.0, 30.0]))
+
+
+def test_plan_windows_centre_only_ablation() -> None:
+    real = plan_windows(6, 5)
+    ablated = plan_windows(6, 5, neighbours="centre")
+    slots = ablated.lo[ablated.index]
+    assert torch.equal(slots, torch.arange(6).unsqueeze(1).expand(6, 5))
+    assert not torch.equal(real.lo[real.index], slots)
+    with pytest.raises(ValueError, match="'real' or 'centre'"):
+        plan_windows(6, 5, neighbours="none")
+
+
+def test_centre_only_stack_equals_windows_of_the_repeated_centre(make_model, randomise, stack) -> None:
+    model = make_model(context=3).eval()
+    randomise(model)
+    ablated = model.segment_stack(stack, ["liver"], neighbours="centre")
+    with torch.no_grad():
+        repeated = stack.unsqueeze(1).expand(-1, 3, -1, -1, -1)
+        direct = model(pixel_windows=repeated, organs=["liver"] * stack.shape[0])
+    torch.testing.assert_close(ablated[:, 0], direct, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(model.segment_stack(stack, ["liver"])[:, 0], direct, atol=1e-3)
 
 
 def test_plan_windows_errors() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 _EXPORTS = {
     "DEMO_ORGANS": "tgated.experiments.demo",
     "DemoResult": "tgated.experiments.demo",
+    "run_evidence": "tgated.experiments.evidence",
     "demo_config": "tgated.experiments.demo",
     "describe": "tgated.experiments.demo",
     "run_demo": "tgated.experiments.demo",

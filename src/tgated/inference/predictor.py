@@ -359,8 +359,11 @@ class Predictor:
         modality: str | None = None,
         *,
         keep_probabilities: bool = False,
+        neighbours: str = "real",
     ) -> Prediction:
         """Segment one canonical volume; returns labels on its own grid (canonical frame).
+
+        ``neighbours="centre"`` is the context ablation: each window holds its centre slice K times.
 
         Fails early with a ``ValueError`` when the volume would not fit in memory
         (:meth:`check_memory`), and the same way when memory runs out anyway.
@@ -376,7 +379,7 @@ class Predictor:
         pre = self.model.config.preprocess
         mod = resolve_modality(volume, modality, pre.modality)
         try:
-            return self._predict(volume, organ_list, mod, keep_probabilities)
+            return self._predict(volume, organ_list, mod, keep_probabilities, neighbours)
         except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
             if not _out_of_memory(exc):
                 raise
@@ -390,7 +393,12 @@ class Predictor:
             ) from None
 
     def _predict(
-        self, volume: Volume, organ_list: tuple[Organ, ...], mod: str, keep_probabilities: bool
+        self,
+        volume: Volume,
+        organ_list: tuple[Organ, ...],
+        mod: str,
+        keep_probabilities: bool,
+        neighbours: str = "real",
     ) -> Prediction:
         pre = self.model.config.preprocess
         size = int(pre.image_size)
@@ -414,7 +422,11 @@ class Predictor:
             stack = to_model_grid(slices[lo:hi].unsqueeze(1).contiguous(), size).to(self.device)
             with self._autocast():
                 stream = self.model.iter_segment_stack(
-                    stack, organ_list, positions_mm=positions[lo:hi], batch_size=self.batch_size
+                    stack,
+                    organ_list,
+                    positions_mm=positions[lo:hi],
+                    batch_size=self.batch_size,
+                    neighbours=neighbours,
                 )
                 for centres, logits in stream:
                     keep = (centres + lo >= start) & (centres + lo < end)

@@ -137,7 +137,8 @@ class TemporalTransformer(nn.Module):
         )
         self.out_norm = nn.LayerNorm(cfg.dim)
         self.out_proj = nn.Linear(cfg.dim, channels, bias=False)
-        nn.init.zeros_(self.out_proj.weight)
+        if cfg.temporal_out_init == "zero":
+            nn.init.zeros_(self.out_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, k, n, c = x.shape
@@ -241,6 +242,8 @@ class TGatedAdapter(nn.Module):
             else None
         )
         self.head = Head(channels, cfg.head_dropout, cfg.head_out_dropout, residual=residual_head)
+        self.track_stats = False
+        self._stat_sums = [0.0, 0.0, 0]  # gate opening, temporal share (sums over batches), batches
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 4 or tokens.shape[1] != self.context or tokens.shape[-1] != self.channels:
@@ -258,9 +261,29 @@ class TGatedAdapter(nn.Module):
             else:
                 g = self.gate(h_t)
                 h = g * h_t + (1.0 - g) * centre
+            if self.track_stats:
+                self._record(None if self.gate is None else g, h - centre, centre)
         if self.spatial is not None:
             h = self.spatial(h)
         return self.head(h)
+
+    @torch.no_grad()
+    def _record(self, g: torch.Tensor | None, contribution: torch.Tensor, centre: torch.Tensor) -> None:
+        self._stat_sums[0] += float(g.float().mean()) if g is not None else 1.0
+        share = contribution.float().norm(dim=-1) / centre.float().norm(dim=-1).clamp_min(1e-12)
+        self._stat_sums[1] += float(share.mean())
+        self._stat_sums[2] += 1
+
+    def pop_stats(self) -> dict[str, float] | None:
+        """Means since the last call over the forward passes run with ``track_stats`` on, then reset:
+        ``gate_open`` = mean σ of the gate (1 without a gate), ``temporal_share`` = mean over tokens of
+        ‖h − h_centre‖ / ‖h_centre‖ before the spatial block, i.e. how far the temporal branch moves
+        the centre slice's tokens. None when nothing was recorded (or without a temporal part)."""
+        gate, share, n = self._stat_sums
+        self._stat_sums = [0.0, 0.0, 0]
+        if not n:
+            return None
+        return {"gate_open": gate / n, "temporal_share": share / n}
 
     def gate_regularization(self) -> torch.Tensor:
         """``λ · mean(σ(b)(1 − σ(b)))`` over the gate bias b (0 without a gate); add it to the loss."""

@@ -109,6 +109,7 @@ def plan_windows(
     step_mm: float = 3.0,
     positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
     centres: torch.Tensor | Sequence[int] | None = None,
+    neighbours: str = "real",
 ) -> WindowPlan:
     """Plan the context windows of ``centres`` (default: every slice) of an ``n_slices`` stack.
 
@@ -117,7 +118,11 @@ def plan_windows(
     ``k · step_mm`` millimetres, interpolated linearly between the two nearest slices and clamped
     at the ends (:func:`tgated.data.slices.physical_context`); ``positions_mm`` (increasing, one
     per slice) is required. Identical interpolated images are planned once.
+    ``neighbours="centre"`` is the context ablation: every slot of a window holds its centre slice,
+    so the adapter sees the same window shape with no information from the neighbours.
     """
+    if neighbours not in ("real", "centre"):
+        raise ValueError(f"neighbours={neighbours!r}: expected 'real' or 'centre'")
     if n_slices < 1:
         raise ValueError(f"a stack needs at least one slice, got {n_slices}")
     c = torch.arange(n_slices) if centres is None else torch.as_tensor(centres, dtype=torch.long)
@@ -149,6 +154,9 @@ def plan_windows(
         w = torch.where(w == 1, torch.zeros_like(w), w)
     else:
         raise ValueError(f"unknown context mode {mode!r}; expected 'index' or 'physical'")
+    if neighbours == "centre":
+        mid = context // 2
+        lo, hi, w = (t[:, mid : mid + 1].expand(-1, context) for t in (lo, hi, w))
     keys = torch.stack([lo.reshape(-1), hi.reshape(-1), w.reshape(-1).view(torch.int32).long()], dim=1)
     uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
     return WindowPlan(
@@ -239,6 +247,14 @@ class TGatedModel(nn.Module):
                 for layer in self.adapted_layers
             }
         )
+        if cfg.conditioning == "auto":  # a random text tower cannot tell the prompts apart
+            cfg.conditioning = "learned" if cfg.backbone.source == "random" else "text"
+        self.conditioning = cfg.conditioning
+        self.organ_embedding: nn.Parameter | None = None
+        if self.conditioning == "learned":
+            # filled by from_config (text or orthogonal init) or by from_pretrained (saved values)
+            p = int(clip_cfg.projection_dim)
+            self.organ_embedding = nn.Parameter(torch.zeros(NUM_ORGANS, p))
         self.organs: tuple[Organ, ...] = parse_organs(cfg.organs or None)
         self.prompts: dict[str, str] = {}
         for key, prompt in cfg.prompts.items():
@@ -289,6 +305,8 @@ class TGatedModel(nn.Module):
         for module in (*self.decoder.reduces[n_inputs:], *self.decoder.layers[n_inputs:]):
             module.requires_grad_(False)  # the reference variant feeds one activation only
         self.adapters.requires_grad_(True)
+        if self.organ_embedding is not None:
+            self.organ_embedding.requires_grad_(True)
 
     @classmethod
     def from_config(
@@ -304,21 +322,57 @@ class TGatedModel(nn.Module):
         (checkpoint directory, hub id, or ``random``), fresh adapters seeded by
         ``backbone.seed + 1``. ``meta`` builds the architecture without weights (counting
         parameters); ``fallback_to_random`` replaces an unavailable checkpoint by the rd64
-        architecture with random weights (the model's ``note`` says so)."""
-        bb = load_backbone(
-            config.backbone,
-            config.preprocess.image_size,
-            config.prompts.values(),
-            meta=meta,
-            local_files_only=local_files_only,
-            fallback_to_random=fallback_to_random,
-        )
+        architecture with random weights (the model's ``note`` says so).
+
+        With ``init_from`` (a saved model), its backbone, decoder and learned organ embeddings are
+        the starting point instead, and only the adapters are new.
+        """
+        config = copy.deepcopy(config)
+        source: TGatedModel | None = None
+        if config.init_from and not meta:
+            source = cls.from_pretrained(config.init_from)
+            _check_init_source(config, source)
+            backbone, tokenizer = source.backbone, source.tokenizer
+            random_text = source.config.backbone.source == "random"
+            note = f"initialised from {config.init_from} ({source.note})"
+            if config.conditioning == "auto":
+                config.conditioning = source.conditioning
+        else:
+            bb = load_backbone(
+                config.backbone,
+                config.preprocess.image_size,
+                config.prompts.values(),
+                meta=meta,
+                local_files_only=local_files_only,
+                fallback_to_random=fallback_to_random,
+            )
+            backbone, tokenizer, note = bb.model, bb.tokenizer, bb.note
+            random_text = config.backbone.source == "random"
         ctx = torch.device("meta") if meta else seeded(config.backbone.seed + 1)
         with ctx:
-            model = cls(config, bb.model, bb.tokenizer, note=bb.note)
+            model = cls(config, backbone, tokenizer, note=note)
+        if model.organ_embedding is not None and not meta:
+            with torch.no_grad():
+                if source is not None and source.organ_embedding is not None:
+                    model.organ_embedding.copy_(source.organ_embedding)
+                else:
+                    with seeded(config.backbone.seed + 2):
+                        model.organ_embedding.copy_(model._initial_organ_embedding(random_text))
         if device is not None and not meta:
             model.to(device)
         return model
+
+    def _initial_organ_embedding(self, random_text: bool) -> torch.Tensor:
+        """Start values of the learned organ embeddings (NUM_ORGANS, P): each organ's text embedding,
+        or, when the text tower is random, orthogonal rows (orthonormal columns when P < 13) with
+        the text embeddings' mean norm, so distinct organs start far apart."""
+        text = self.text_embeddings([self.prompt(o) for o in ORGANS]).float().cpu()
+        if not random_text:
+            return text
+        table = torch.empty_like(text)
+        nn.init.orthogonal_(table)
+        scale = text.norm(dim=1).mean() / table.norm(dim=1).mean().clamp_min(1e-12)
+        return table * scale
 
     # ---------------------------------------------------------------- text conditioning
 
@@ -363,15 +417,41 @@ class TGatedModel(nn.Module):
         return torch.stack([self._text_cache[p] for p in prompts]).to(dev, dt)
 
     def organ_embeddings(self, organ_ids: torch.Tensor) -> torch.Tensor:
-        """(B,) canonical organ ids (1-13) → (B, projection_dim) text embeddings."""
+        """(B,) canonical organ ids (1-13) → (B, projection_dim) conditioning vectors (the learned
+        embeddings with ``conditioning: learned``, else the prompts' text embeddings)."""
         ids = torch.as_tensor(organ_ids)
         if ids.numel() and (int(ids.min()) < 1 or int(ids.max()) > NUM_ORGANS):
             raise ValueError(f"organ ids must be canonical ids 1-{NUM_ORGANS}, got {ids.unique().tolist()}")
+        if self.organ_embedding is not None:
+            return self.organ_embedding[ids.to(self.organ_embedding.device).long() - 1]
         key = (self.device, self.decoder.film_mul.weight.dtype)
         if key not in self._table_memo:
             emb = self.text_embeddings([self.prompt(o) for o in ORGANS])
             self._table_memo[key] = torch.cat([emb.new_zeros(1, emb.shape[1]), emb])
         return self._table_memo[key][ids.to(key[0]).long()]
+
+    def organ_conditioning(self, organs: Sequence[Organ]) -> torch.Tensor:
+        """(O, projection_dim) conditioning vectors of ``organs``, in that order."""
+        return self.organ_embeddings(torch.tensor([o.id for o in organs])).to(
+            self.decoder.film_mul.weight.dtype
+        )
+
+    @torch.no_grad()
+    def conditioning_similarity(self, organs: Sequence[Organ] | None = None) -> dict[str, Any]:
+        """Pairwise cosine similarity of the organs' conditioning vectors (default: the model's
+        organs): ``{"organs": names, "cosine": rows, "max_off_diagonal": x}``. Near-parallel vectors
+        (cosine close to 1) leave the decoder unable to tell those organs apart."""
+        organ_list = list(organs) if organs is not None else list(self.organs)
+        v = self.organ_conditioning(organ_list).float()
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos = v @ v.T
+        off = cos[~torch.eye(len(organ_list), dtype=torch.bool)]
+        return {
+            "conditioning": self.conditioning,
+            "organs": [o.name for o in organ_list],
+            "cosine": [[round(float(x), 4) for x in row] for row in cos],
+            "max_off_diagonal": round(float(off.max()), 4) if off.numel() else None,
+        }
 
     def _conditioning(self, organs: Any, batch: int) -> torch.Tensor:
         if isinstance(organs, torch.Tensor) and organs.is_floating_point():
@@ -499,6 +579,22 @@ class TGatedModel(nn.Module):
 
     # ---------------------------------------------------------------- training helpers
 
+    def track_adapter_stats(self, on: bool = True) -> None:
+        """Record the adapters' gate opening and temporal share in every forward pass (or stop)."""
+        for adapter in self.adapters.values():
+            adapter.track_stats = on
+            adapter.pop_stats()
+
+    def pop_adapter_stats(self) -> dict[int, dict[str, float]]:
+        """Per adapted layer, the means recorded since the last call (see
+        :meth:`tgated.models.adapter.TGatedAdapter.pop_stats`); layers without records are left out."""
+        out = {}
+        for layer, adapter in self.adapters.items():
+            stats = adapter.pop_stats()
+            if stats is not None:
+                out[int(layer)] = stats
+        return out
+
     def gate_regularization(self) -> torch.Tensor:
         """Sum over adapters of ``λ · mean(σ(b)(1 − σ(b)))`` (0 without gates): add to the loss."""
         terms = [a.gate_regularization() for a in self.adapters.values()]
@@ -507,15 +603,18 @@ class TGatedModel(nn.Module):
         return torch.stack(terms).sum()
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by learning-rate group: ``adapter``, ``decoder``, ``backbone``."""
+        """Trainable parameters by learning-rate group: ``adapter``, ``decoder``, ``backbone``,
+        ``conditioning`` (the learned organ embeddings)."""
         return {
             "adapter": [p for p in self.adapters.parameters() if p.requires_grad],
             "decoder": [p for p in self.decoder.parameters() if p.requires_grad],
             "backbone": [p for p in self.backbone.clip.parameters() if p.requires_grad],
+            "conditioning": [self.organ_embedding] if self.organ_embedding is not None else [],
         }
 
     def parameter_counts(self) -> dict[str, Any]:
-        """Parameter counts: backbone (CLIP towers), adapter, decoder, total, trainable, per adapter part."""
+        """Parameter counts: backbone (CLIP towers), adapter, decoder, learned organ conditioning, total,
+        trainable, per adapter part."""
 
         def n(ps: Any) -> int:
             return sum(p.numel() for p in ps)
@@ -528,6 +627,7 @@ class TGatedModel(nn.Module):
             "backbone": n(self.backbone.clip.parameters()),
             "adapter": n(self.adapters.parameters()),
             "decoder": n(self.decoder.parameters()),
+            "conditioning": self.organ_embedding.numel() if self.organ_embedding is not None else 0,
             "total": n(self.parameters()),
             "trainable": n(p for p in self.parameters() if p.requires_grad),
             "adapter_components": {k: comps[k] for k in COMPONENTS if k in comps},
@@ -540,8 +640,10 @@ class TGatedModel(nn.Module):
         n_slices: int,
         positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
         centres: torch.Tensor | Sequence[int] | None = None,
+        neighbours: str = "real",
     ) -> WindowPlan:
-        """:func:`plan_windows` with this model's K, ``context_mode`` and ``context_step_mm``."""
+        """:func:`plan_windows` with this model's K, ``context_mode`` and ``context_step_mm``
+        (``neighbours="centre"``: the context ablation)."""
         mode = self.config.context_mode if self.context > 1 else "index"
         return plan_windows(
             n_slices,
@@ -550,6 +652,7 @@ class TGatedModel(nn.Module):
             step_mm=self.config.context_step_mm,
             positions_mm=positions_mm,
             centres=centres,
+            neighbours=neighbours,
         )
 
     @torch.no_grad()
@@ -562,6 +665,7 @@ class TGatedModel(nn.Module):
         batch_size: int = 16,
         cache_dtype: torch.dtype | None = None,
         quiet: bool = True,
+        neighbours: str = "real",
     ) -> tuple[torch.Tensor, WindowPlan]:
         """Encode each distinct image of a stack's windows once.
 
@@ -572,7 +676,7 @@ class TGatedModel(nn.Module):
         if slices.dim() != 4:
             raise ValueError(f"slices: expected (Z, 1, S, S), got shape {tuple(slices.shape)}")
         _check_batch_size(batch_size)
-        plan = self.plan(slices.shape[0], positions_mm, centres)
+        plan = self.plan(slices.shape[0], positions_mm, centres, neighbours)
         chunks = []
         batches = range(0, plan.num_images, batch_size)
         for start in progress(batches, desc="encode", quiet=quiet, lines=False, leave=False):
@@ -598,6 +702,7 @@ class TGatedModel(nn.Module):
         positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
         batch_size: int = 16,
         quiet: bool = True,
+        neighbours: str = "real",
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Stream logits over a stack: yields ``(centres (n,), logits (n, O, S, S))`` chunks.
 
@@ -605,11 +710,12 @@ class TGatedModel(nn.Module):
         values), the adapter once per centre slice over its window's cached tokens, and the
         decoder once per (slice, organ) pair, ``batch_size`` slices × O organs per call. Organs
         (default: the model's) are returned in the order given. Call in eval mode.
+        ``neighbours="centre"`` runs the context ablation (:func:`plan_windows`).
         """
         organ_list = self._organ_list(organs)
-        cond = self.text_embeddings([self.prompt(o) for o in organ_list])
+        cond = self.organ_conditioning(organ_list)
         tokens, plan = self.encode_stack(
-            slices, positions_mm=positions_mm, batch_size=batch_size, quiet=quiet
+            slices, positions_mm=positions_mm, batch_size=batch_size, quiet=quiet, neighbours=neighbours
         )
         n_org = len(organ_list)
         for start in progress(
@@ -658,7 +764,7 @@ class TGatedModel(nn.Module):
         organ (the published code's inference), ``batch_size`` windows per forward."""
         _check_batch_size(batch_size)
         organ_list = self._organ_list(organs)
-        cond = self.text_embeddings([self.prompt(o) for o in organ_list])
+        cond = self.organ_conditioning(organ_list)
         z = slices.shape[0]
         if self.context > 1 and self.config.context_mode == "physical":
             if positions_mm is None:
@@ -765,6 +871,8 @@ class TGatedModel(nn.Module):
                 raise ValueError(
                     f"{cfg_path}: missing key {key!r}; the file is incomplete — re-save the model"
                 )
+        if isinstance(meta["model"], dict) and "conditioning" not in meta["model"]:
+            meta["model"]["conditioning"] = "text"  # saved before the key existed: text conditioning
         try:
             model_cfg = from_dict(ModelConfig, meta["model"])
         except ConfigError as exc:
@@ -813,6 +921,18 @@ class TGatedModel(nn.Module):
         return model.to(device).eval()
 
 
+def _check_init_source(config: ModelConfig, source: TGatedModel) -> None:
+    """``model.init_from`` must have been trained on the same model grid and intensity mapping."""
+    mine, theirs = to_dict(config.preprocess), to_dict(source.config.preprocess)
+    diffs = [k for k in mine if k != "background_threshold" and mine[k] != theirs.get(k)]
+    if diffs:
+        listed = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in diffs)
+        raise ValueError(
+            f"model.init_from={config.init_from!r} was trained with other preprocessing ({listed}); "
+            "use the same model.preprocess as the model it starts from"
+        )
+
+
 def _check_batch_size(batch_size: int) -> None:
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -823,17 +943,48 @@ def _check_batch_size(batch_size: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def model_info(config_path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Resolved config and parameter counts for ``tgated info CONFIG [--set k=v ...]``.
+def model_info(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    """What ``tgated info CONFIG_OR_RUN [--set k=v ...]`` prints.
 
-    Builds the architecture without weights (meta device: fast, no memory). A checkpoint that is
-    not available locally is not downloaded: the built-in rd64-refined architecture is counted
-    instead, and ``note`` says so.
+    For a YAML config: the resolved config and parameter counts, built without weights (meta device:
+    fast, no memory; a checkpoint that is not available locally is not downloaded, the built-in
+    rd64-refined architecture is counted instead and ``note`` says so), and for a tiny random
+    backbone the organ conditioning vectors' pairwise cosine similarity.
+
+    For a saved model (model folder or run folder): its config and parameter counts, the
+    conditioning similarity, and, from a run's ``log.csv``, the last epoch's adapter statistics
+    (gate opening, temporal share per adapted layer) and validation Dice with and without the
+    neighbours.
     """
-    cfg = load_config(config_path, overrides)
+    p = Path(path)
+    if p.is_dir():
+        if overrides:
+            raise ValueError(f"--set applies to a config file; {p} is a saved model or run folder")
+        model = TGatedModel.from_pretrained(p)
+        out: dict[str, Any] = {
+            "model": str(p),
+            "config": to_dict(model.config),
+            "parameters": model.parameter_counts(),
+            "conditioning": model.conditioning_similarity(),
+        }
+        log = p / "log.csv"
+        if log.is_file():
+            import csv
+
+            rows = list(csv.DictReader(log.read_text(encoding="utf-8").splitlines()))
+            if rows:
+                keep = ("epoch", "step", "val_dice", "val_dice_centre_only")
+                last = rows[-1]
+                out["last_epoch"] = {
+                    k: v
+                    for k, v in last.items()
+                    if v not in ("", None) and (k in keep or k.startswith(("gate_open", "temporal_share")))
+                }
+        return out
+    cfg = load_config(path, overrides)
     if cfg.model.model_type != "tgated":
         raise ValueError(
-            f"{config_path}: model.model_type is {cfg.model.model_type!r}; parameter counts here cover "
+            f"{path}: model.model_type is {cfg.model.model_type!r}; parameter counts here cover "
             "'tgated' models"
         )
     model = TGatedModel.from_config(cfg.model, meta=True, local_files_only=True, fallback_to_random=True)
@@ -847,4 +998,16 @@ def model_info(config_path: str | os.PathLike, overrides: list[str] | None = Non
             f"variant: reference adapts the final encoder layer ({model.num_encoder_layers - 1}) and feeds "
             "only it to the decoder; adapt_layers is not used"
         )
-    return {"config": to_dict(cfg), "parameters": model.parameter_counts(), "note": "; ".join(notes)}
+    info: dict[str, Any] = {
+        "config": to_dict(cfg),
+        "parameters": model.parameter_counts(),
+        "note": "; ".join(notes),
+    }
+    if cfg.model.backbone.source == "random" and cfg.model.backbone.preset == "tiny" and not cfg.model.init_from:
+        info["conditioning"] = TGatedModel.from_config(cfg.model).conditioning_similarity()
+    else:
+        notes.append(
+            "conditioning similarity: shown for saved models (tgated info RUN) and tiny random backbones"
+        )
+        info["note"] = "; ".join(notes)
+    return info

@@ -129,7 +129,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 )
 """Config keys that may differ between a run's ``config.yaml`` and the config given to resume it."""
 
-GROUPS: tuple[str, ...] = ("adapter", "decoder", "backbone")
+GROUPS: tuple[str, ...] = ("adapter", "decoder", "backbone", "conditioning")
 LOG_COLUMNS: tuple[str, ...] = (
     "epoch",
     "step",
@@ -139,8 +139,11 @@ LOG_COLUMNS: tuple[str, ...] = (
     "loss_dice",
     "loss_gate",
     "val_dice",
+    "val_dice_centre_only",
     "time_s",
 )
+"""``log.csv``'s columns; models with adapters add ``gate_open_l<layer>`` and
+``temporal_share_l<layer>`` per adapted layer (see :meth:`TGatedModel.pop_adapter_stats`)."""
 VAL_BATCH_SIZE = 16
 VAL_CACHE_GB = 4.0
 """Validation volumes are kept in memory between validations up to this size."""
@@ -212,7 +215,15 @@ def check_config(cfg: ExperimentConfig) -> None:
     )
     _need(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
     _need(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
-    for key in ("lr_adapter", "lr_decoder", "lr_backbone", "weight_decay", "grad_clip", "cache_max_gb"):
+    for key in (
+        "lr_adapter",
+        "lr_decoder",
+        "lr_backbone",
+        "lr_conditioning",
+        "weight_decay",
+        "grad_clip",
+        "cache_max_gb",
+    ):
         v = getattr(t, key)
         _need(math.isfinite(v) and v >= 0, f"train.{key}", v, "a finite number >= 0")
     _need(t.cache_max_gb > 0, "train.cache_max_gb", t.cache_max_gb, "a positive number of GB")
@@ -503,6 +514,10 @@ class _Trainer:
         self.val_cases = [cases[c] for c in val_ids]
 
         self.model = TGatedModel.from_config(cfg.model).to(self.device)
+        self.model.track_adapter_stats(True)
+        self.log_columns = list(LOG_COLUMNS)
+        for layer in self.model.adapted_layers:
+            self.log_columns[-1:-1] = [f"gate_open_l{layer}", f"temporal_share_l{layer}"]
         self.model_organs: tuple[Organ, ...] = tuple(self.model.organs)
         organ_ids = [o.id for o in self.model_organs]
 
@@ -561,7 +576,12 @@ class _Trainer:
         self.tokens = self._build_token_cache()
 
         groups = self.model.param_groups()
-        lrs = {"adapter": t.lr_adapter, "decoder": t.lr_decoder, "backbone": t.lr_backbone}
+        lrs = {
+            "adapter": t.lr_adapter,
+            "decoder": t.lr_decoder,
+            "backbone": t.lr_backbone,
+            "conditioning": t.lr_conditioning,
+        }
         self.optimizer = torch.optim.AdamW(
             [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
             lr=t.lr_decoder,
@@ -871,11 +891,16 @@ class _Trainer:
         return image, label
 
     def _validate(self) -> dict[str, Any]:
+        """3-D Dice per organ on the validation cases; with context (K > 1) and
+        ``val_context_ablation`` also with every window's neighbours replaced by its centre slice."""
         from tgated.inference.predictor import Predictor
         from tgated.metrics import dice
 
         mine = self.val_cases[self.ctx.rank :: self.ctx.world_size]
-        rows: list[tuple[str, str, float]] = []
+        variants = ["real"]
+        if self.model.context > 1 and self.t.val_context_ablation:
+            variants.append("centre")
+        rows: list[tuple[str, str, str, float]] = []
         predictor = Predictor(self.model, device=self.device, batch_size=VAL_BATCH_SIZE, quiet=True)
         pred_log = logging.getLogger("tgated.inference.predictor")
         level = pred_log.level
@@ -884,30 +909,31 @@ class _Trainer:
             for case in mine:
                 image, label = self._val_volume(case)
                 modality = case.modality or image.modality or self.cfg.model.preprocess.modality
-                pred = predictor.predict_volume(image, modality=modality).labels
-                for organ in self.model_organs:
-                    if organ.name not in case.labelled:
-                        continue
-                    g, p = label.data == organ.id, pred == organ.id
-                    if g.any() or p.any():
-                        rows.append((case.case_id, organ.name, float(dice(g, p))))
+                for variant in variants:
+                    pred = predictor.predict_volume(image, modality=modality, neighbours=variant).labels
+                    for organ in self.model_organs:
+                        if organ.name not in case.labelled:
+                            continue
+                        g, p = label.data == organ.id, pred == organ.id
+                        if g.any() or p.any():
+                            rows.append((variant, case.case_id, organ.name, float(dice(g, p))))
         finally:
             pred_log.setLevel(level)
+            self.model.pop_adapter_stats()  # validation passes are not training statistics
             self.model.train()
         all_rows = [r for part in self.ctx.all_gather(rows) for r in part]
-        organs: dict[str, dict[str, float]] = {}
-        for o in self.model_organs:
-            vals = [d for _, name, d in all_rows if name == o.name]
-            if vals:
-                organs[o.name] = {"dice": float(np.mean(vals)), "n": len(vals)}
-        mean = float(np.mean([v["dice"] for v in organs.values()])) if organs else float("nan")
-        return {
-            "epoch": self.epoch + 1,
-            "step": self.step,
-            "mean_dice": None if math.isnan(mean) else mean,
-            "cases": len(self.val_cases),
-            "organs": organs,
-        }
+        out: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "cases": len(self.val_cases)}
+        for variant in variants:
+            organs: dict[str, dict[str, float]] = {}
+            for o in self.model_organs:
+                vals = [d for v, _, name, d in all_rows if v == variant and name == o.name]
+                if vals:
+                    organs[o.name] = {"dice": float(np.mean(vals)), "n": len(vals)}
+            mean = float(np.mean([v["dice"] for v in organs.values()])) if organs else float("nan")
+            suffix = "" if variant == "real" else "_centre_only"
+            out[f"mean_dice{suffix}"] = None if math.isnan(mean) else mean
+            out[f"organs{suffix}"] = organs
+        return out
 
     # ------------------------------------------------------------------ epoch end
 
@@ -918,6 +944,14 @@ class _Trainer:
     def _end_epoch(self, started: float) -> None:
         t = self.t
         last_epoch = self.epoch + 1 == t.epochs
+        stats: dict[str, float] = {}  # the adapters' statistics over this epoch's training batches
+        for layer, values in self.model.pop_adapter_stats().items():
+            for key, value in values.items():
+                stats[f"{key}_l{layer}"] = value
+        if stats and self.ctx.distributed:  # mean over the processes
+            keys = sorted(stats)
+            total = self.ctx.all_reduce_sum([stats[k] for k in keys])
+            stats = {k: v / self.ctx.world_size for k, v in zip(keys, total, strict=True)}
         val = None
         if self.val_cases and ((self.epoch + 1) % t.val_every == 0 or last_epoch):
             val = self._validate()
@@ -944,9 +978,22 @@ class _Trainer:
             "loss_dice": sums[2] / n,
             "loss_gate": sums[3] / n,
             "val_dice": "" if val is None or val["mean_dice"] is None else val["mean_dice"],
+            "val_dice_centre_only": ""
+            if val is None or val.get("mean_dice_centre_only") is None
+            else val["mean_dice_centre_only"],
+            **{k: round(v, 6) for k, v in stats.items()},
             "time_s": round(time.perf_counter() - started, 3),
         }
         self.history.append(row)
+        extra = f", val mean Dice {row['val_dice']:.4f}" if row["val_dice"] != "" else ""
+        if row["val_dice_centre_only"] != "":
+            extra += f" ({row['val_dice_centre_only']:.4f} with the neighbours replaced by the centre slice)"
+        for layer in self.model.adapted_layers:
+            if f"gate_open_l{layer}" in row:
+                extra += (
+                    f"; layer {layer}: gate {row[f'gate_open_l{layer}']:.3f}, "
+                    f"temporal share {row[f'temporal_share_l{layer}']:.3f}"
+                )
         self.info(
             "epoch %d/%d: loss %.4f (bce %.4f, dice %.4f)%s",
             self.epoch + 1,
@@ -954,16 +1001,17 @@ class _Trainer:
             row["loss"],
             row["loss_bce"],
             row["loss_dice"],
-            f", val mean Dice {row['val_dice']:.4f}" if row["val_dice"] != "" else "",
+            extra,
         )
         if self.ctx.is_main:
             self._write_logs()
             if self._tb is not None:
-                for key in ("loss", "loss_bce", "loss_dice", "loss_gate", *(f"lr_{g}" for g in GROUPS)):
+                for key in ("loss", "loss_bce", "loss_dice", "loss_gate", *(f"lr_{g}" for g in GROUPS), *stats):
                     if row[key] != "":
                         self._tb.add_scalar(f"train/{key}", row[key], self.step)
-                if row["val_dice"] != "":
-                    self._tb.add_scalar("val/mean_dice", row["val_dice"], self.step)
+                for key in ("val_dice", "val_dice_centre_only"):
+                    if row[key] != "":
+                        self._tb.add_scalar(f"val/{key}", row[key], self.step)
                 self._tb.flush()
         self.epoch += 1
         self.pos = 0
@@ -972,10 +1020,10 @@ class _Trainer:
 
     def _write_logs(self) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(LOG_COLUMNS), lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=self.log_columns, lineterminator="\n")
         writer.writeheader()
         for row in self.history:
-            writer.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+            writer.writerow({k: row.get(k, "") for k in self.log_columns})
         atomic_write_text(self.run / "log.csv", buf.getvalue())
         atomic_write_json(
             self.run / "val.json",
@@ -1018,6 +1066,41 @@ class _Trainer:
             self._cache_dir.cleanup()
 
 
+def stage1_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config that makes ``cfg.model.init_from``: ``cfg`` with ``pretrain.overrides`` applied,
+    and neither an ``init_from`` nor a pretrain stage of its own."""
+    base = copy.deepcopy(cfg)
+    base.model.init_from = ""
+    base.pretrain.overrides = []
+    stage1 = apply_overrides(base, list(cfg.pretrain.overrides))
+    if stage1.model.init_from or stage1.pretrain.overrides:
+        raise ValueError(
+            "pretrain.overrides may not set model.init_from or pretrain.*: the stage-1 model starts from "
+            "model.backbone"
+        )
+    return stage1
+
+
+def _ensure_init_model(cfg: ExperimentConfig, quiet: bool) -> None:
+    """Train the stage-1 model named by ``model.init_from`` when it is missing (``pretrain``)."""
+    run = Path(cfg.model.init_from)
+    if cfg.pretrain.overrides:
+        stage1 = stage1_config(cfg)
+        log = run / "log.csv"
+        done = log.is_file() and (run / "model" / "config.json").is_file() and (
+            len(log.read_text(encoding="utf-8").strip().splitlines()) - 1 >= stage1.train.epochs
+        )
+        if not done:
+            logger.info("model.init_from=%s does not exist yet: training it (pretrain.overrides)", run)
+            train(stage1, run, resume=True, quiet=quiet)
+    elif not ((run / "config.json").is_file() or (run / "model" / "config.json").is_file()):
+        raise ValueError(
+            f"model.init_from={cfg.model.init_from!r}: no saved model there (expected a model folder with "
+            "config.json, or a run folder with model/); train it first, or give pretrain.overrides so that "
+            "tgated train makes it"
+        )
+
+
 def train(
     config: str | os.PathLike | ExperimentConfig,
     out: str | os.PathLike,
@@ -1036,6 +1119,8 @@ def train(
     cfg = resolve_config(config, overrides)
     data_inputs = [(f"data.{k}", getattr(cfg.data, k)) for k in ("root", "labels") if getattr(cfg.data, k)]
     check_inputs_spared(("--out", out), data_inputs, not_containing=data_inputs)
+    if cfg.model.init_from:
+        _ensure_init_model(cfg, quiet)
     ctx = init_distributed(cfg.train.device)
     trainer = None
     try:
