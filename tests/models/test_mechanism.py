@@ -73,3 +73,33 @@ def train_toy(steps: int = 300, seed: int = 0, **model_changes: Any) -> float:
         pred = model(token_windows=test_t, organs=torch.ones(test_t.shape[0], dtype=torch.long)) > 0
     inter = (pred & (test_y > 0)).sum().item()
     return 2 * inter / (pred.sum().item() + test_y.sum().item())
+
+
+SMALL = {"dim": 32, "layers": 2, "heads": 4, "ffn_dim": 64, "spatial_heads": 4}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["zero", "normal"])
+def test_tgated_learns_what_only_the_neighbours_show(init: str) -> None:
+    # the paper's gate settings (bias −5, regulariser λ = 1e-3), with either output initialisation
+    cfg = AdapterConfig(**SMALL, temporal_out_init=init)
+    assert cfg.gate_bias_init == -5.0 and cfg.gate_reg == 1e-3
+    assert train_toy(adapter_config=cfg) >= 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("changes", [{"adapter": "none"}, {"context": 1}], ids=["baseline", "context1"])
+def test_models_without_neighbours_cannot(changes: dict[str, Any]) -> None:
+    assert train_toy(adapter_config=AdapterConfig(**SMALL), **changes) <= 0.2
+
+
+def test_toy_task_hides_the_target_in_the_centre_slice() -> None:
+    windows, masks = toy_windows(8, seed=0)
+    disc = masks.bool()
+    for i in range(8):
+        centre = windows[i, K // 2, 0]
+        # the centre slice is the same noise inside and outside the disc
+        assert centre[disc[i]].mean().item() == pytest.approx(centre[~disc[i]].mean().item(), abs=0.02)
+        for k in (0, 2):
+            assert torch.all(windows[i, k, 0][disc[i]] == 0.9)
+    assert 150 < masks.sum(dim=(1, 2)).mean().item() < 250  # a radius-8 disc: about 201 pixels

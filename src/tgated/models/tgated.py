@@ -736,17 +736,24 @@ class TGatedModel(nn.Module):
         positions_mm: np.ndarray | torch.Tensor | Sequence[float] | None = None,
         batch_size: int = 16,
         quiet: bool = True,
+        neighbours: str = "real",
     ) -> torch.Tensor:
         """Logits (Z, O, S, S) for every slice of a (Z, 1, S, S) stack and every organ (shared encoder).
 
         ``slices``: intensities in [0, 1] on the model grid, ordered inferior → superior;
-        ``positions_mm``: slice positions (needed for ``context_mode: physical``). The result lives
+        ``positions_mm``: slice positions (needed for ``context_mode: physical``); ``neighbours``:
+        ``"centre"`` for the context ablation (:func:`plan_windows`). The result lives
         on ``slices``' device; apply ``sigmoid`` for probabilities.
         """
         parts = [
             lg.to(slices.device)
             for _, lg in self.iter_segment_stack(
-                slices, organs, positions_mm=positions_mm, batch_size=batch_size, quiet=quiet
+                slices,
+                organs,
+                positions_mm=positions_mm,
+                batch_size=batch_size,
+                quiet=quiet,
+                neighbours=neighbours,
             )
         ]
         return torch.cat(parts)

@@ -1,0 +1,113 @@
+"""tgated experiment evidence: the analysis on hand-made scores, and the pipeline end to end (--quick)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tgated.experiments.evidence import (
+    RECIPE,
+    analyse,
+    mean_dice,
+    results_markdown,
+    run_name,
+    slice_dice,
+    z_runs,
+)
+
+
+def test_z_runs_and_slice_dice() -> None:
+    assert z_runs(np.array([0, 1, 1, 0, 1, 0, 0, 1], bool)) == 3
+    assert z_runs(np.array([1, 1], bool)) == 1 and z_runs(np.zeros(4, bool)) == 0 and z_runs(np.array([], bool)) == 0
+    g = np.zeros((2, 2, 3), bool)
+    p = np.zeros((2, 2, 3), bool)
+    g[0, 0, 0] = g[0, 1, 0] = True  # slice 0: |G| = 2, |P| = 1, overlap 1 -> 2/3
+    p[0, 0, 0] = True
+    p[1, 1, 2] = True  # slice 2: false positive only -> 0; slice 1: both empty -> None
+    assert slice_dice(g, p) == [round(2 / 3, 4), None, 0.0]
+
+
+def test_mean_dice_is_the_mean_over_organs_of_case_means() -> None:
+    rows = {"a": {"liver": 1.0, "spleen": 0.0}, "b": {"liver": 0.5}}
+    mean, organs = mean_dice(rows)
+    assert organs == {"liver": 0.75, "spleen": 0.0}
+    assert mean == pytest.approx(0.375)
+
+
+def _scores(tg: list[float], base: list[float], ctx1: list[float], centre: list[float]) -> dict:
+    """Two seeds, two cases, one organ: case Dice given per seed as [case a, case b]."""
+    out = {}
+    for s in range(2):
+        for name, vals in (("tgated", tg), ("baseline", base), ("context1", ctx1)):
+            v = vals[s]
+            entry = {
+                "real": {"a": {"liver": v}, "b": {"liver": v - 0.1}},
+                "z_fragments": {"a": {"liver": 1 if name != "tgated" else 0}},
+                "z_profiles": {},
+                "train_seconds": 60.0,
+            }
+            if name == "tgated":
+                entry["centre"] = {"a": {"liver": centre[s]}, "b": {"liver": centre[s] - 0.1}}
+                entry["adapter_stats"] = {"gate_open_l3": 0.2, "temporal_share_l3": 0.3}
+            out[run_name(name, s)] = entry
+    return out
+
+
+def test_analysis_paired_differences_and_decision_rule() -> None:
+    scores = _scores(tg=[0.80, 0.82], base=[0.70, 0.71], ctx1=[0.79, 0.80], centre=[0.60, 0.62])
+    res = analyse(scores, {}, n_seeds=2)
+    # mean Dice per seed = mean of cases (v, v - 0.1) = v - 0.05
+    assert res["variants"]["tgated"]["per_seed"] == [0.75, 0.77]
+    vb = res["comparisons"]["tgated_vs_baseline"]
+    assert vb["paired_seed_difference"]["mean"] == pytest.approx(0.105)
+    assert vb["paired_seed_difference"]["sd"] == pytest.approx(np.std([0.10, 0.11], ddof=1), abs=1e-4)
+    assert vb["meets_decision_rule"] is True and vb["organs_helped"] == ["liver"]
+    assert vb["paired_case_difference"]["cases_better"] == 2
+    vc = res["comparisons"]["tgated_vs_context1"]
+    assert vc["paired_seed_difference"]["mean"] == pytest.approx(0.015)
+    assert vc["meets_decision_rule"] is False  # 0.015 < 0.03
+    assert "NOT" in res["verdict"]
+    assert res["context_ablation"]["drop"]["mean"] == pytest.approx(0.2)
+    assert res["variants"]["baseline"]["extra_z_fragments_per_organ"] == 1.0
+    assert res["variants"]["tgated"]["extra_z_fragments_per_organ"] == 0.0
+    md = results_markdown(res)
+    assert "| liver | 0.655 ± 0.007 | 0.745 ± 0.007 | 0.760 ± 0.014 | +0.105 | +0.015 |" in md
+    assert "not met" in md and "Gate opening" in md
+
+
+def test_a_gain_within_the_seed_spread_is_no_gain() -> None:
+    scores = _scores(tg=[0.90, 0.70], base=[0.70, 0.80], ctx1=[0.70, 0.80], centre=[0.8, 0.7])
+    res = analyse(scores, {}, n_seeds=2)
+    d = res["comparisons"]["tgated_vs_baseline"]["paired_seed_difference"]
+    assert d["mean"] == pytest.approx(0.05) and d["sd"] > 0.1
+    assert res["comparisons"]["tgated_vs_baseline"]["meets_decision_rule"] is False
+
+
+def test_the_repository_config_is_the_packaged_recipe() -> None:
+    repo = Path(__file__).resolve().parents[2] / "configs" / "cpu_evidence.yaml"
+    assert repo.read_bytes() == RECIPE.read_bytes()
+
+
+@pytest.mark.slow
+def test_quick_evidence_end_to_end(tmp_path, capsys) -> None:
+    from tgated.cli import main
+
+    out = tmp_path / "ev"
+    assert main(["experiment", "evidence", "--quick", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["variants"]) == {"tgated", "baseline", "context1"}
+    assert res["protocol"]["seeds"] == 2 and res["protocol"]["split_sizes"] == [4, 1, 3]
+    scores = json.loads((out / "scores" / "tgated_s0.json").read_text())
+    assert len(scores["real"]) == 3 and len(scores["centre"]) == 3  # the 3 held-out cases
+    assert "centre" not in json.loads((out / "scores" / "baseline_s0.json").read_text())
+    assert (out / "runs" / "stage1" / "model" / "config.json").is_file()
+    assert "Verdict" in capsys.readouterr().out
+    stamp = (out / "results.json").stat().st_mtime_ns
+    assert main(["experiment", "evidence", "--quick", "--out", str(out), "--quiet"]) == 0  # resumes: no training
+    assert (out / "results.json").stat().st_mtime_ns > stamp
+    for run in (out / "runs").iterdir():
+        if run.name != "stage1":
+            assert len((run / "log.csv").read_text().strip().splitlines()) == 2
