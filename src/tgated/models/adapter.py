@@ -274,6 +274,14 @@ class TGatedAdapter(nn.Module):
         self._stat_sums[1] += float(share.mean())
         self._stat_sums[2] += 1
 
+    def stats_state(self) -> list[float]:
+        """The running sums behind :meth:`pop_stats` (saved in training checkpoints for exact resume)."""
+        return [float(x) for x in self._stat_sums]
+
+    def load_stats_state(self, state: list[float]) -> None:
+        gate, share, n = state
+        self._stat_sums = [float(gate), float(share), int(n)]
+
     def pop_stats(self) -> dict[str, float] | None:
         """Means since the last call over the forward passes run with ``track_stats`` on, then reset:
         ``gate_open`` = mean σ of the gate (1 without a gate), ``temporal_share`` = mean over tokens of

@@ -723,6 +723,7 @@ class _Trainer:
             "samples_per_epoch": self.samples_per_epoch,
             "world_size": self.ctx.world_size,
             "loss_sums": sums,
+            "adapter_stats": self.ctx.all_gather({k: a.stats_state() for k, a in self.model.adapters.items()}),
             "best_dice": self.best_dice,
             "best_epoch": self.best_epoch,
             "history": self.history,
@@ -756,6 +757,11 @@ class _Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.pos, self.step = int(state["epoch"]), int(state["pos"]), int(state["step"])
         self.loss_sums = list(state["loss_sums"]) if self.ctx.is_main else [0.0] * 5
+        stats = state.get("adapter_stats") or []
+        if stats:
+            mine = stats[self.ctx.rank] if len(stats) == self.ctx.world_size else stats[0]
+            for key, values in mine.items():
+                self.model.adapters[key].load_stats_state(values)
         self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
         self.history = list(state["history"])
         self.val_best, self.val_latest = state["val_best"], state["val_latest"]
