@@ -41,6 +41,7 @@ from tgated import organs as O
 from tgated.data.datasets import Case, load_case
 from tgated.io.files import atomic_write_text, sha256_file
 from tgated.io.volumes import write_like
+from tgated.progress import on_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ def _download_sdist(dest: Path, quiet: bool) -> Path:
     ]
     if quiet:
         cmd.insert(4, "--quiet")
+    elif not on_terminal():  # pip's bar would fill a log file with redraws
+        cmd[4:4] = ["--progress-bar", "off"]
     logger.info("fetching the example scans: %s", " ".join(cmd[1:]))
     try:
         subprocess.run(cmd, check=True, capture_output=quiet, timeout=600)
