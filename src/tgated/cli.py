@@ -45,7 +45,8 @@ def _cmd_experiment_evidence(args: argparse.Namespace) -> int:
         device=args.device,
         quiet=args.quiet,
     )
-    print(open(os.path.join(args.out, "results.md"), encoding="utf-8").read())
+    with open(os.path.join(args.out, "results.md"), encoding="utf-8") as fh:
+        print(fh.read())
     return 0
 
 

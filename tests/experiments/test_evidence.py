@@ -21,7 +21,11 @@ from tgated.experiments.evidence import (
 
 def test_z_runs_and_slice_dice() -> None:
     assert z_runs(np.array([0, 1, 1, 0, 1, 0, 0, 1], bool)) == 3
-    assert z_runs(np.array([1, 1], bool)) == 1 and z_runs(np.zeros(4, bool)) == 0 and z_runs(np.array([], bool)) == 0
+    assert (
+        z_runs(np.array([1, 1], bool)) == 1
+        and z_runs(np.zeros(4, bool)) == 0
+        and z_runs(np.array([], bool)) == 0
+    )
     g = np.zeros((2, 2, 3), bool)
     p = np.zeros((2, 2, 3), bool)
     g[0, 0, 0] = g[0, 1, 0] = True  # slice 0: |G| = 2, |P| = 1, overlap 1 -> 2/3
@@ -106,7 +110,9 @@ def test_quick_evidence_end_to_end(tmp_path, capsys) -> None:
     assert (out / "runs" / "stage1" / "model" / "config.json").is_file()
     assert "Verdict" in capsys.readouterr().out
     stamp = (out / "results.json").stat().st_mtime_ns
-    assert main(["experiment", "evidence", "--quick", "--out", str(out), "--quiet"]) == 0  # resumes: no training
+    assert (
+        main(["experiment", "evidence", "--quick", "--out", str(out), "--quiet"]) == 0
+    )  # resumes: no training
     assert (out / "results.json").stat().st_mtime_ns > stamp
     for run in (out / "runs").iterdir():
         if run.name != "stage1":

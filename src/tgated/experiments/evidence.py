@@ -155,7 +155,13 @@ def run_evidence(
                 continue
             _say(quiet, f"[2/4] training {name} → {run}")
             seeded = [f"seed={seed}", f"train.seed={seed}", f"model.backbone.seed={seed}"]
-            train(base, run, overrides=[*changes, *seeded], resume=(run / "checkpoints" / "last.pt").is_file(), quiet=True)
+            train(
+                base,
+                run,
+                overrides=[*changes, *seeded],
+                resume=(run / "checkpoints" / "last.pt").is_file(),
+                quiet=True,
+            )
             atomic_write_text(run / "DONE", "trained\n")
 
     scores: dict[str, dict[str, Any]] = {}
@@ -207,7 +213,9 @@ def slice_dice(gt: np.ndarray, pred: np.ndarray) -> list[float | None]:
     """2-D Dice of each axial slice (last axis) of two boolean masks; None where both are empty."""
     inter = np.count_nonzero(gt & pred, axis=(0, 1))
     total = np.count_nonzero(gt, axis=(0, 1)) + np.count_nonzero(pred, axis=(0, 1))
-    return [None if t == 0 else round(2.0 * i / t, 4) for i, t in zip(inter.tolist(), total.tolist(), strict=True)]
+    return [
+        None if t == 0 else round(2.0 * i / t, 4) for i, t in zip(inter.tolist(), total.tolist(), strict=True)
+    ]
 
 
 def score_run(run: Path, data: Path, *, device: str = "cpu") -> dict[str, Any]:
@@ -288,9 +296,7 @@ def analyse(scores: dict[str, dict[str, Any]], runs: dict[str, Path], n_seeds: i
 
     seeds = list(range(n_seeds))
     means = {v: [mean_dice(scores[run_name(v, s)]["real"])[0] for s in seeds] for v in VARIANTS}
-    organ_means = {
-        v: [mean_dice(scores[run_name(v, s)]["real"])[1] for s in seeds] for v in VARIANTS
-    }
+    organ_means = {v: [mean_dice(scores[run_name(v, s)]["real"])[1] for s in seeds] for v in VARIANTS}
     organs = sorted({o for v in VARIANTS for per in organ_means[v] for o in per})
     results: dict[str, Any] = {"variants": {}, "comparisons": {}}
     for v in VARIANTS:
@@ -303,9 +309,7 @@ def analyse(scores: dict[str, dict[str, Any]], runs: dict[str, Path], n_seeds: i
         results["variants"][v] = {
             "mean_dice": _msd(means[v]),
             "per_seed": [round(x, 4) for x in means[v]],
-            "organs": {
-                o: _msd([per[o] for per in organ_means[v] if o in per]) for o in organs
-            },
+            "organs": {o: _msd([per[o] for per in organ_means[v] if o in per]) for o in organs},
             "extra_z_fragments_per_organ": round(float(np.mean(frag)), 3) if frag else None,
             "train_seconds": _msd([scores[run_name(v, s)].get("train_seconds", math.nan) for s in seeds]),
         }
@@ -345,7 +349,9 @@ def analyse(scores: dict[str, dict[str, Any]], runs: dict[str, Path], n_seeds: i
                 "wilcoxon_p": round(p, 4) if not math.isnan(p) else None,
             },
             "per_organ_difference": per_organ,
-            "organs_helped": [o for o, x in sorted(per_organ.items(), key=lambda kv: -kv[1]) if x >= MIN_GAIN],
+            "organs_helped": [
+                o for o, x in sorted(per_organ.items(), key=lambda kv: -kv[1]) if x >= MIN_GAIN
+            ],
             "organs_hurt": [o for o, x in sorted(per_organ.items(), key=lambda kv: kv[1]) if x <= -MIN_GAIN],
             "meets_decision_rule": helps,
         }
@@ -354,13 +360,13 @@ def analyse(scores: dict[str, dict[str, Any]], runs: dict[str, Path], n_seeds: i
         if all(verdicts)
         else "T-Gated does NOT beat both controls by the pre-registered margin"
     )
-    results["z_profiles"] = {
-        v: scores[run_name(v, 0)]["z_profiles"] for v in ("tgated", "baseline")
-    }
+    results["z_profiles"] = {v: scores[run_name(v, 0)]["z_profiles"] for v in ("tgated", "baseline")}
     return results
 
 
-def _seed_averaged_cases(scores: dict[str, dict[str, Any]], variant: str, seeds: list[int]) -> dict[str, float]:
+def _seed_averaged_cases(
+    scores: dict[str, dict[str, Any]], variant: str, seeds: list[int]
+) -> dict[str, float]:
     per_seed = [_case_means(scores[run_name(variant, s)]["real"]) for s in seeds]
     common = set.intersection(*(set(p) for p in per_seed)) if per_seed else set()
     return {c: float(np.mean([p[c] for p in per_seed])) for c in common}
@@ -389,7 +395,10 @@ def results_markdown(results: dict[str, Any]) -> str:
     cmp_b = results["comparisons"]["tgated_vs_baseline"]["per_organ_difference"]
     cmp_c = results["comparisons"]["tgated_vs_context1"]["per_organ_difference"]
     for o in organs:
-        row = [o] + [cell(v[x]["organs"][o]) if o in v[x]["organs"] else "—" for x in ("baseline", "context1", "tgated")]
+        row = [o] + [
+            cell(v[x]["organs"][o]) if o in v[x]["organs"] else "—"
+            for x in ("baseline", "context1", "tgated")
+        ]
         row += [f"{cmp_b.get(o, math.nan):+.3f}", f"{cmp_c.get(o, math.nan):+.3f}"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append(
@@ -398,7 +407,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         + f" | **{results['comparisons']['tgated_vs_baseline']['paired_seed_difference']['mean']:+.3f}**"
         + f" | **{results['comparisons']['tgated_vs_context1']['paired_seed_difference']['mean']:+.3f}** |"
     )
-    lines += ["", "| comparison | paired Δ over seeds (mean ± sd) | per case: better / worse, Wilcoxon p | organs helped (Δ ≥ 0.03) | organs hurt | decision rule |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| comparison | paired Δ over seeds (mean ± sd) | per case: better / worse, Wilcoxon p | organs helped (Δ ≥ 0.03) | organs hurt | decision rule |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, c in results["comparisons"].items():
         d, pc = c["paired_seed_difference"], c["paired_case_difference"]
         lines.append(
