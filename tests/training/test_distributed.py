@@ -32,7 +32,7 @@ def test_two_processes_match_one(tiny_cfg, tmp_path):
     single = train(path, out=tmp_path / "single", quiet=True)
 
     ddp = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
-    one = load_checkpoint(single / "checkpoints" / "last.pt")
+    one = load_checkpoint(single.run_dir / "checkpoints" / "last.pt")
     assert ddp["world_size"] == 2 and one["world_size"] == 1
     assert len(ddp["replica_sha256"]) == 2 and ddp["replica_sha256"][0] == ddp["replica_sha256"][1]
     assert ddp["step"] == one["step"] == 6
