@@ -6,7 +6,8 @@
 * ``Literal`` fields list their valid values; nested sections are dataclasses.
 
 This module imports nothing of ours. Sections: :class:`DataConfig`, :class:`ModelConfig` (with its
-:class:`BackboneConfig`, :class:`AdapterConfig`, :class:`PreprocessConfig`), :class:`TrainConfig`,
+:class:`BackboneConfig`, :class:`AdapterConfig`, :class:`PreprocessConfig`, :class:`DynUNetConfig`),
+:class:`TrainConfig` (with :class:`DynUNetTrainConfig`),
 all under :class:`ExperimentConfig`.
 """
 
@@ -117,6 +118,31 @@ class AdapterConfig:
 
 
 @dataclass
+class DynUNetConfig:
+    """The 3-D DynUNet baseline (``model.model_type: dynunet``, MONAI's ``DynUNet``); the defaults are
+    the published baseline's recipe (docs/protocol.md)."""
+
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    """Volumes are resampled to this voxel size (mm) for the network, predictions back to the native grid."""
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    """Training patches and sliding-window tiles (voxels)."""
+    filters: list[int] = field(default_factory=list)
+    """Channels per resolution level (empty = MONAI's default, 32·2^level up to 320); the number of
+    levels follows from ``patch_size`` and ``spacing`` (strides halve each axis until it is 8 or less)."""
+    res_block: bool = True
+    norm: Literal["instance", "batch"] = "instance"
+    deep_supervision: bool = True
+    deep_supr_num: int = 2
+    """Deep-supervision heads (loss weights 1, 1/2, 1/4 ..., normalised to sum to 1)."""
+    crop_foreground: bool = True
+    """Crop each volume to its foreground (normalised intensity > 0) before patching and inference."""
+    sw_overlap: float = 0.5
+    """Sliding-window inference: overlap of neighbouring tiles (Gaussian weighting)."""
+    sw_batch_size: int = 2
+    """Sliding-window inference: tiles per forward pass."""
+
+
+@dataclass
 class ModelConfig:
     model_type: Literal["tgated", "dynunet"] = "tgated"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -150,6 +176,8 @@ class ModelConfig:
     prompts: dict[str, str] = field(default_factory=dict)
     """Prompt overrides by organ name (default: organs.py)."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    dynunet: DynUNetConfig = field(default_factory=DynUNetConfig)
+    """Architecture and grid of ``model_type: dynunet`` (unused by T-Gated)."""
 
 
 @dataclass
@@ -167,6 +195,24 @@ class DataConfig:
     split_seed: int = 42
     split_sizes: tuple[int, int, int] = (30, 10, 10)
     """Train / val / test case counts of the default split (scaled down for smaller datasets)."""
+
+
+@dataclass
+class DynUNetTrainConfig:
+    """Training settings of ``model.model_type: dynunet`` (the published baseline's recipe); the
+    schedule (``warm_restart_epochs``, ``min_lr_ratio``), ``batch_size``, ``epochs``, ``grad_clip``,
+    ``precision``, ``weight_decay`` and ``seed`` come from the ``train`` section as for T-Gated."""
+
+    lr: float = 1e-3
+    """AdamW learning rate of the whole network."""
+    samples_per_volume: int = 2
+    """Patches drawn from each training volume per epoch."""
+    pos_neg_ratio: float = 1.0
+    """Patches centred on an organ voxel vs on background (MONAI ``RandCropByPosNegLabeld``, pos/neg)."""
+    flip_prob: float = 0.1
+    """Probability of a flip along each axis (the published recipe flips all three, labels unchanged)."""
+    rotate90_prob: float = 0.1
+    """Probability of an axial rotation by 90°, 180° or 270°."""
 
 
 @dataclass
@@ -241,6 +287,8 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps in total, with a checkpoint (0 = no limit); continue with
     ``--resume`` and a larger (or zero) value."""
+    dynunet: DynUNetTrainConfig = field(default_factory=DynUNetTrainConfig)
+    """Settings that only ``model.model_type: dynunet`` uses."""
 
 
 @dataclass

@@ -135,10 +135,16 @@ def test_missing_tokenizer_folder(make_model, tmp_path) -> None:
         TGatedModel.from_pretrained(out)
 
 
-def test_model_info_other_model_type(tmp_path) -> None:
+def test_model_info_of_a_dynunet(tmp_path) -> None:
+    from tgated.config import load_config
     from tgated.models import model_info
+    from tgated.models.dynunet import DynUNetModel
 
     path = tmp_path / "d.yaml"
-    path.write_text("model:\n  model_type: dynunet\n")
-    with pytest.raises(ValueError, match="model_type is 'dynunet'"):
-        model_info(path)
+    path.write_text(
+        "model:\n  model_type: dynunet\n  dynunet:\n    patch_size: [32, 32, 16]\n    filters: [8, 16, 32, 64]\n    deep_supr_num: 1\n"
+    )
+    info = model_info(path)
+    built = DynUNetModel(load_config(path).model)
+    assert info["parameters"]["total"] == sum(p.numel() for p in built.parameters()) > 0
+    assert "4 levels" in info["note"] and info["config"]["model"]["dynunet"]["patch_size"] == [32, 32, 16]

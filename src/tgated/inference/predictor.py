@@ -232,9 +232,16 @@ class Predictor:
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, device: str | None = "auto", **kwargs) -> Predictor:
-        """Load a saved model (a run folder holding ``model/``, or the model folder itself)."""
+        """Load a saved model (a run folder holding ``model/``, or the model folder itself); a saved
+        3-D DynUNet gets its own predictor with the same interface
+        (:class:`tgated.inference.dynunet.DynUNetPredictor`)."""
+        from tgated.models.dynunet import saved_model_type
         from tgated.models.tgated import TGatedModel
 
+        if saved_model_type(path) == "dynunet":
+            from tgated.inference.dynunet import DynUNetPredictor
+
+            return DynUNetPredictor.from_path(path, device=device, **kwargs)  # type: ignore[return-value]
         dev = resolve_device(device)
         return cls(TGatedModel.from_pretrained(path, device=dev), device=dev, **kwargs)
 

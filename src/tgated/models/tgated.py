@@ -967,6 +967,11 @@ def model_info(path: str | os.PathLike, overrides: list[str] | None = None) -> d
     if p.is_dir():
         if overrides:
             raise ValueError(f"--set applies to a config file; {p} is a saved model or run folder")
+        from tgated.models.dynunet import DynUNetModel, saved_model_type
+
+        if saved_model_type(p) == "dynunet":
+            dyn = DynUNetModel.from_pretrained(p)
+            return {"model": str(p), "config": to_dict(dyn.config), "parameters": dyn.parameter_counts()}
         model = TGatedModel.from_pretrained(p)
         out: dict[str, Any] = {
             "model": str(p),
@@ -989,11 +994,17 @@ def model_info(path: str | os.PathLike, overrides: list[str] | None = None) -> d
                 }
         return out
     cfg = load_config(path, overrides)
-    if cfg.model.model_type != "tgated":
-        raise ValueError(
-            f"{path}: model.model_type is {cfg.model.model_type!r}; parameter counts here cover "
-            "'tgated' models"
-        )
+    if cfg.model.model_type == "dynunet":
+        from tgated.models.dynunet import DynUNetModel, kernels_and_strides
+
+        with torch.device("meta"):
+            dyn = DynUNetModel(cfg.model)
+        kernels, strides = kernels_and_strides(cfg.model.dynunet.patch_size, cfg.model.dynunet.spacing)
+        return {
+            "config": to_dict(cfg),
+            "parameters": dyn.parameter_counts(),
+            "note": f"MONAI DynUNet, {len(strides)} levels, kernels {kernels}, strides {strides}",
+        }
     model = TGatedModel.from_config(cfg.model, meta=True, local_files_only=True, fallback_to_random=True)
     notes = [model.note]
     if cfg.model.adapter == "none" and cfg.model.context != 1:

@@ -198,10 +198,10 @@ def check_config(cfg: ExperimentConfig) -> None:
     """Check the training-related values of ``cfg``; errors name the key, the value and the fix."""
     t = cfg.train
     _need(
-        cfg.model.model_type == "tgated",
+        cfg.model.model_type in ("tgated", "dynunet"),
         "model.model_type",
         cfg.model.model_type,
-        "'tgated' (tgated train trains T-Gated / CLIPSeg models)",
+        "'tgated' (T-Gated / CLIPSeg) or 'dynunet' (the 3-D baseline, tgated.training.dynunet)",
     )
     _need(
         bool(cfg.data.root),
@@ -1134,7 +1134,12 @@ def train(
             # DDP notes that the decoder's transposed-convolution gradient has other (equivalent)
             # strides than its bucket; harmless, and every process would print it
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            trainer = _Trainer(cfg, Path(out), ctx, resume=resume, quiet=quiet)
+            if cfg.model.model_type == "dynunet":
+                from tgated.training.dynunet import DynUNetTrainer
+
+                trainer = DynUNetTrainer(cfg, Path(out), ctx, resume=resume, quiet=quiet)
+            else:
+                trainer = _Trainer(cfg, Path(out), ctx, resume=resume, quiet=quiet)
             return trainer.run_all()
     finally:
         if trainer is not None:

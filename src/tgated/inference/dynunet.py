@@ -1,0 +1,165 @@
+"""Volume → label map with the 3-D DynUNet baseline (:class:`~tgated.models.dynunet.DynUNetModel`).
+
+The same contract as :class:`tgated.inference.predictor.Predictor` (``organs_for``,
+``check_memory``, ``predict_volume`` returning a :class:`~tgated.inference.predictor.Prediction` on
+the volume's own grid), so ``tgated predict``, validation and ``evaluate`` treat both models alike:
+
+1. intensities normalised as the saved ``preprocess`` says (CT window, MR percentiles);
+2. MONAI ``Spacing`` to the model's voxel size and ``CropForeground`` (:func:`preprocessing`);
+3. MONAI ``sliding_window_inference`` (tiles of ``patch_size``, overlap ``sw_overlap``, Gaussian
+   weighting) → softmax probabilities;
+4. the preprocessing is inverted by MONAI (``Compose.inverse``: padding back the crop, resampling the
+   probabilities bilinearly to the native grid), then argmax over background and the chosen organs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import numpy as np
+import torch
+
+from tgated.data.slices import normalise_intensity
+from tgated.inference.predictor import (
+    GB,
+    RUNTIME_OVERHEAD_GB,
+    MemoryEstimate,
+    Prediction,
+    available_memory_gb,
+    resolve_device,
+    resolve_modality,
+)
+from tgated.io.volumes import Volume
+from tgated.models.dynunet import DynUNetModel, preprocessing
+from tgated.organs import Organ, get_organ
+
+
+class DynUNetPredictor:
+    """Segments canonical volumes with a :class:`DynUNetModel` by sliding-window inference."""
+
+    def __init__(
+        self, model: DynUNetModel, device: str | torch.device | None = None, quiet: bool = True, **_: object
+    ):
+        self.device = resolve_device(device) if device is not None else model.device
+        self.model = model.to(self.device).eval()
+        self.quiet = quiet
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, device: str | None = "auto", **kwargs) -> DynUNetPredictor:
+        dev = resolve_device(device)
+        return cls(DynUNetModel.from_pretrained(path, device=dev), device=dev, **kwargs)
+
+    def organs_for(self, organs) -> tuple[Organ, ...]:
+        known = tuple(self.model.organs)
+        if organs is None:
+            return known
+        chosen = tuple(o if isinstance(o, Organ) else get_organ(o) for o in organs)
+        unknown = [o.name for o in chosen if o not in known]
+        if unknown:
+            raise ValueError(
+                f"organs {unknown} were not trained by this model; it segments: {', '.join(o.name for o in known)}"
+            )
+        return tuple(sorted(set(chosen), key=lambda o: o.id))
+
+    def memory_estimate(
+        self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool = False
+    ) -> MemoryEstimate:
+        """Host memory: the volume (float32, three copies), the resampled grid's channels (float32
+        probabilities accumulated and resampled back), the labels; work: the tiles' activations."""
+        d = self.model.config.dynunet
+        voxels = math.prod(int(v) for v in volume_shape)
+        channels = 1 + len(self.model.organs)
+        native = voxels * (4 * 3 + 3 + channels * 4 * 2 + (2 * n_organs if keep_probabilities else 0))
+        tile = math.prod(int(p) for p in d.patch_size)
+        filters = list(d.filters) or [32]
+        work = d.sw_batch_size * tile * filters[0] * 4 * 12
+        return MemoryEstimate(native / GB, work / GB + RUNTIME_OVERHEAD_GB, self.device.type)
+
+    def check_memory(
+        self,
+        volume_shape: tuple[int, ...],
+        n_organs: int,
+        keep_probabilities: bool = False,
+        *,
+        source: str = "volume",
+        loaded_gb: float = 0.0,
+        available_gb: float | None = None,
+    ) -> MemoryEstimate:
+        est = self.memory_estimate(volume_shape, n_organs, keep_probabilities)
+        host = available_memory_gb() if available_gb is None else available_gb
+        need = est.host_gb - loaded_gb
+        if host is not None and need > host:
+            raise ValueError(
+                f"{source}: segmenting {tuple(int(v) for v in volume_shape)} voxels with the DynUNet needs about "
+                f"{need:.1f} GB of memory, but only {host:.1f} GB is available; crop the volume"
+                + (" or drop --save-probabilities" if keep_probabilities else "")
+            )
+        return est
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def probabilities(self, volume: Volume, modality: str) -> torch.Tensor:
+        """Softmax probabilities (C, X, Y, Z) on the volume's canonical grid (C = background + organs)."""
+        from monai.data import MetaTensor
+        from monai.inferers import sliding_window_inference
+
+        cfg = self.model.config
+        d = cfg.dynunet
+        norm = normalise_intensity(volume.data, modality, cfg.preprocess)
+        pre = preprocessing(cfg)
+        image = pre(MetaTensor(norm[None], affine=torch.as_tensor(volume.affine, dtype=torch.float64)))
+        with self._autocast():
+            logits = sliding_window_inference(
+                image.as_tensor()[None].to(self.device),
+                roi_size=tuple(d.patch_size),
+                sw_batch_size=d.sw_batch_size,
+                predictor=self.model,
+                overlap=d.sw_overlap,
+                mode="gaussian",
+                progress=False,
+            )
+        probs = torch.softmax(logits[0].float(), dim=0).cpu()
+        out = MetaTensor(probs, meta=image.meta, applied_operations=image.applied_operations)
+        back = pre.inverse(out)
+        back = back.as_tensor() if hasattr(back, "as_tensor") else torch.as_tensor(back)
+        if tuple(back.shape[1:]) != volume.shape:
+            raise RuntimeError(
+                f"{volume.source}: DynUNet probabilities came back with shape {tuple(back.shape[1:])}, expected "
+                f"{volume.shape}"
+            )
+        return back.float()
+
+    def predict_volume(
+        self,
+        volume: Volume,
+        organs=None,
+        modality: str | None = None,
+        *,
+        keep_probabilities: bool = False,
+    ) -> Prediction:
+        """Segment one canonical volume; labels on its own grid: argmax over background and ``organs``."""
+        organ_list = self.organs_for(organs)
+        self.check_memory(
+            volume.shape,
+            len(organ_list),
+            keep_probabilities,
+            source=volume.source,
+            loaded_gb=volume.data.nbytes / GB,
+        )
+        mod = resolve_modality(volume, modality, self.model.config.preprocess.modality)
+        probs = self.probabilities(volume, mod)
+        index = {cid: c for c, cid in enumerate(self.model.channel_ids)}
+        channels = [0] + [index[o.id] for o in organ_list]
+        chosen = probs[channels]
+        arg = chosen.argmax(dim=0)
+        ids = torch.tensor([0] + [o.id for o in organ_list], dtype=torch.uint8)
+        labels = ids[arg].numpy().astype(np.uint8)
+        kept = chosen[1:].to(torch.float16).numpy() if keep_probabilities else None
+        return Prediction(labels, organ_list, mod, volume, kept)

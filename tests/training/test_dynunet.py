@@ -1,0 +1,227 @@
+"""The 3-D DynUNet baseline: architecture rule, save/load, training (kill + resume exact, two
+processes), prediction files with the T-Gated predictor's contract, and evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tgated.cli import main
+from tgated.config import ModelConfig, apply_overrides, dump_yaml, load_config
+from tgated.models.dynunet import DynUNetModel, kernels_and_strides
+from tgated.training.checkpoint import load_checkpoint
+from tgated.training.dynunet import init_seed
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu_dynunet.yaml"
+
+
+def test_kernels_and_strides_follow_monai_s_rule():
+    # 96³ at 1.5 mm: halve every axis while it is >= 8 voxels: 96, 48, 24, 12, 6 -> five levels
+    kernels, strides = kernels_and_strides((96, 96, 96), (1.5, 1.5, 1.5))
+    assert strides == [[1, 1, 1]] + [[2, 2, 2]] * 4 and kernels == [[3, 3, 3]] * 5
+    # 5 mm slices vs 1 mm in-plane: z is not halved (nor convolved) until the in-plane axes are
+    # within twice its spacing: 1 -> 2 -> 4 mm in-plane, then z joins
+    kernels, strides = kernels_and_strides((64, 64, 32), (1.0, 1.0, 5.0))
+    assert strides[:4] == [[1, 1, 1], [2, 2, 1], [2, 2, 1], [2, 2, 2]]
+    assert kernels[:3] == [[3, 3, 1], [3, 3, 1], [3, 3, 3]]
+
+
+def test_config_errors_name_the_key():
+    cfg = load_config(CONFIG)
+    bad = apply_overrides(cfg, ["model.dynunet.filters=[8,16]"])
+    with pytest.raises(ValueError, match=r"model.dynunet.filters=\[8, 16\]: expected 4 values"):
+        DynUNetModel(bad.model)
+    bad = apply_overrides(cfg, ["model.dynunet.patch_size=[32,32,4]"])
+    with pytest.raises(ValueError, match="at least 8 voxels"):
+        DynUNetModel(bad.model)
+    with pytest.raises(ValueError, match="DynUNetModel needs 'dynunet'"):
+        DynUNetModel(ModelConfig())
+
+
+def test_save_load_round_trip_and_tampering(tmp_path):
+    cfg = load_config(CONFIG)
+    model = DynUNetModel.from_config(cfg.model, seed=3).eval()
+    model.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["model_type"] == "dynunet" and meta["model"]["dynunet"]["patch_size"] == [32, 32, 16]
+    loaded = DynUNetModel.from_pretrained(tmp_path / "m")
+    x = torch.randn(1, 1, 32, 32, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match="does not match"):
+        DynUNetModel.from_pretrained(tmp_path / "m")
+
+
+@pytest.fixture(scope="module")
+def dyn_cfg(tmp_path_factory, phantom_root) -> Path:
+    cfg = load_config(
+        CONFIG, [f"data.root={phantom_root}", "train.device=cpu", "train.epochs=2", "train.steps_per_epoch=4"]
+    )
+    path = tmp_path_factory.mktemp("dyncfg") / "cfg.yaml"
+    path.write_text(dump_yaml(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dyn_run(tmp_path_factory, dyn_cfg) -> Path:
+    run = tmp_path_factory.mktemp("dynrun") / "run"
+    assert main(["train", str(dyn_cfg), "--out", str(run), "--quiet"]) == 0
+    return run
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _step(run: Path) -> int:
+    try:
+        return int(load_checkpoint(run / "checkpoints" / "last.pt")["step"])
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+@pytest.mark.slow
+def test_train_writes_a_run_that_learns(dyn_run):
+    names = {p.name for p in dyn_run.iterdir()}
+    assert {"config.yaml", "splits.json", "model", "checkpoints", "log.csv", "val.json"} <= names
+    state = load_checkpoint(dyn_run / "checkpoints" / "last.pt")
+    assert state["step"] == 8 and state["epoch"] == 2
+    log = (dyn_run / "log.csv").read_text().splitlines()
+    assert log[0] == "epoch,step,lr,loss,val_dice,time_s" and len(log) == 3
+    losses = [float(line.split(",")[3]) for line in log[1:]]
+    assert losses[1] < losses[0]  # the DiceCE loss falls from epoch 1 to 2
+    cfg = load_config(dyn_run / "config.yaml")
+    first = DynUNetModel.from_config(cfg.model, seed=init_seed(cfg)).state_dict()
+    trained = DynUNetModel.from_pretrained(dyn_run).state_dict()
+    assert sum(torch.equal(first[k], trained[k]) for k in first) < len(first) // 4  # most tensors trained
+
+
+@pytest.mark.slow
+def test_killed_dynunet_train_resumes_to_the_same_weights(tmp_path, dyn_cfg):
+    cfg = load_config(dyn_cfg, ["train.checkpoint_every=1", "train.epochs=3"])
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_yaml(cfg))
+    full, run = tmp_path / "full", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "tgated", "train", str(path), "--quiet", "--out"]
+    done = subprocess.run([*cmd, str(full)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(
+        [*cmd, str(run)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while _step(run) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # kill in the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert 6 <= _step(run) < 12
+    again = subprocess.run(
+        [*cmd, str(run), "--resume"], env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 12
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) == 0.0
+    strip = [line.rsplit(",", 1)[0] for line in (full / "log.csv").read_text().splitlines()]
+    assert strip == [line.rsplit(",", 1)[0] for line in (run / "log.csv").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, dyn_cfg):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "tgated", "train", str(dyn_cfg), "--out", str(tmp_path / "ddp"), "--quiet"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "tgated", "train", str(dyn_cfg), "--out", str(tmp_path / "one"), "--quiet"],
+                         env=_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    assert a["world_size"] == 2 and b["world_size"] == 1 and a["step"] == b["step"] == 8
+    for x, y in zip(a["history"], b["history"], strict=True):  # the same patches, the same losses
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["val_dice"] == pytest.approx(y["val_dice"], abs=1e-3)
+    # instance norm and per-sample patches: the two halves' averaged gradients are the whole batch's;
+    # Adam turns float-rounding differences of near-zero gradients into steps of up to lr, so the
+    # weights agree in aggregate (measured: 0.2 % of the training change), not element by element
+    init = DynUNetModel.from_config(
+        load_config(dyn_cfg).model, seed=init_seed(load_config(dyn_cfg))
+    ).state_dict()
+    floats = [k for k in b["model"] if b["model"][k].is_floating_point()]
+    apart = sum((a["model"][k] - b["model"][k]).abs().sum().item() for k in floats)
+    moved = sum((b["model"][k] - init[k]).abs().sum().item() for k in floats)
+    assert moved > 0 and apart / moved < 0.02
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_follow_the_predictor_contract(tmp_path, dyn_run, phantom_root):
+    from tests.models.conftest import tiny_model_config
+    from tgated.models.tgated import TGatedModel
+
+    out = tmp_path / "pred"
+    assert main(["predict", "--run", str(dyn_run), "--split", "test", "--output", str(out), "--device", "cpu",
+                 "--save-probabilities", "--quiet"]) == 0  # fmt: skip
+    (test_id,) = json.loads((dyn_run / "splits.json").read_text())["test"]
+    image = nib.load(phantom_root / "images" / f"{test_id}_0000.nii.gz")
+    pred = nib.load(out / f"{test_id}.nii.gz")
+    assert pred.shape == image.shape and pred.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(pred.affine, image.affine, atol=1e-5)
+    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 3, 13}
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels == {
+        "0": "background",
+        "1": "liver",
+        "2": "right_kidney",
+        "3": "spleen",
+        "13": "left_kidney",
+    }
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["model"]["config"]["model_type"] == "dynunet" and prov["model"]["run"] == str(
+        dyn_run.resolve()
+    )
+    probs = np.load(out / f"{test_id}_probs.npz")
+    assert probs["liver"].shape == image.shape and probs["liver"].dtype == np.float16
+    assert float(probs["liver"].max()) <= 1.0
+
+    # the same files as a T-Gated model's predictions of the same case
+    tg_model = tmp_path / "tg" / "model"
+    TGatedModel.from_config(
+        tiny_model_config(organs=["liver", "right_kidney", "spleen", "left_kidney"])
+    ).save_pretrained(tg_model)
+    tg = tmp_path / "tg_pred"
+    assert main(["predict", "--model", str(tg_model), "--input", str(phantom_root / "images" / f"{test_id}_0000.nii.gz"),
+                 "--output", str(tg), "--device", "cpu", "--save-probabilities", "--quiet"]) == 0  # fmt: skip
+    assert sorted(p.name for p in tg.iterdir()) == sorted(p.name for p in out.iterdir())
+    tg_img = nib.load(tg / f"{test_id}.nii.gz")
+    assert tg_img.shape == pred.shape and tg_img.get_data_dtype() == pred.get_data_dtype()
+    np.testing.assert_array_equal(tg_img.affine, pred.affine)
+    assert json.loads((tg / "labels.json").read_text()) == labels
+    assert set(np.load(tg / f"{test_id}_probs.npz").files) == set(probs.files)
+
+    ev = tmp_path / "eval"
+    argv = ["evaluate", "--run", str(dyn_run), "--split", "test", "--pred", str(out), "--gt", str(phantom_root),
+            "--dataset", "flare22", "--out", str(ev), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["cases"] == 1 and set(summary["organs"]) <= {
+        "liver",
+        "right_kidney",
+        "spleen",
+        "left_kidney",
+    }
