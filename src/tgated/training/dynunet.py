@@ -38,9 +38,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tgated.config import ExperimentConfig, dump_yaml
-from tgated.io.files import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from tgated.io.files import atomic_write_json, atomic_write_text, remove_stale_temporaries, replace_dir
+from tgated.progress import progress
 from tgated.training.augment import sample_rng
-from tgated.training.checkpoint import load_checkpoint, replace_dir, rng_state, save_checkpoint, set_rng_state
+from tgated.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tgated.training.distributed import DistContext
 from tgated.training.loop import TrainResult, _splits, cosine_restart_factor, prepare_run, resolve_precision
 
@@ -217,7 +218,6 @@ class DynUNetTrainer:
 
     def setup(self) -> None:
         from monai.losses import DiceCELoss
-        from tqdm.auto import tqdm
 
         from tgated.data.datasets import write_splits
         from tgated.models.dynunet import DynUNetModel
@@ -232,7 +232,7 @@ class DynUNetTrainer:
         organ_ids = [o.id for o in self.model.organs]
         self.sources = [
             load_patch_source(c, cfg.model, organ_ids)
-            for c in tqdm(train_cases, desc="loading training volumes", unit="case", disable=self.quiet)
+            for c in progress(train_cases, desc="loading training volumes", unit="case", quiet=self.quiet)
         ]
         if not any(len(s["fg"]) for s in self.sources):
             raise ValueError(
@@ -359,8 +359,6 @@ class DynUNetTrainer:
         return self.loss_fn(out, label)
 
     def _train_epoch(self) -> bool:
-        from tqdm.auto import tqdm
-
         t = self.t
         data = _PatchBatches(
             self._epoch_order(),
@@ -379,12 +377,13 @@ class DynUNetTrainer:
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(self.epoch),
         )
-        bar = tqdm(
+        bar = progress(
             total=self.micro_per_epoch,
             initial=self.pos,
             desc=f"epoch {self.epoch + 1}/{t.epochs}",
             unit="batch",
-            disable=self.quiet,
+            quiet=self.quiet,
+            lines=False,  # one line per epoch is logged after it
             leave=False,
         )
         self.net.train()
