@@ -57,6 +57,7 @@ from tgated.data.slices import (
 from tgated.io.files import atomic_path, atomic_write_json, replace_dir, safe_join, sha256_file
 from tgated.models.adapter import COMPONENTS, TGatedAdapter
 from tgated.models.backbone import build_clipseg, check_no_custom_code, load_backbone, seeded, skip_init
+from tgated.models.decoder import decode_organs
 from tgated.organs import NUM_ORGANS, ORGANS, Organ, get_organ, parse_organs
 from tgated.progress import progress
 
@@ -708,7 +709,8 @@ class TGatedModel(nn.Module):
 
         The encoder runs once per distinct image (tokens of the whole stack are kept: Z × L × N × C
         values), the adapter once per centre slice over its window's cached tokens, and the
-        decoder once per (slice, organ) pair, ``batch_size`` slices × O organs per call. Organs
+        decoder's organ-independent part once per slice and the rest per (slice, organ) pair,
+        ``batch_size`` slices × O organs per call (:func:`~tgated.models.decoder.decode_organs`). Organs
         (default: the model's) are returned in the order given. Call in eval mode.
         ``neighbours="centre"`` runs the context ablation (:func:`plan_windows`).
         """
@@ -717,15 +719,13 @@ class TGatedModel(nn.Module):
         tokens, plan = self.encode_stack(
             slices, positions_mm=positions_mm, batch_size=batch_size, quiet=quiet, neighbours=neighbours
         )
-        n_org = len(organ_list)
         for start in progress(
             range(0, plan.index.shape[0], batch_size), desc="decode", quiet=quiet, lines=False, leave=False
         ):
             idx = plan.index[start : start + batch_size].to(tokens.device)
             n = idx.shape[0]
             acts = self.adapt(tokens[idx].to(self.decoder.film_mul.weight.dtype))
-            logits = self.decode([a.repeat_interleave(n_org, dim=0) for a in acts], cond.repeat(n, 1))
-            yield plan.centres[start : start + n], logits.view(n, n_org, *logits.shape[-2:])
+            yield plan.centres[start : start + n], decode_organs(self.decoder, acts, cond)
 
     @torch.no_grad()
     def segment_stack(
