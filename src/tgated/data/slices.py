@@ -24,6 +24,34 @@ import torch.nn.functional as F
 from tgated.config import PreprocessConfig
 
 
+def intensity_window(volume: torch.Tensor | np.ndarray, modality: str, pre: PreprocessConfig) -> tuple[float, float]:
+    """The intensities ``(lo, hi)`` that :func:`normalise_intensity` maps to 0 and 1.
+
+    CT: ``pre.ct_window`` (HU). MR: the volume's own ``pre.mr_percentiles`` (from a strided
+    subsample of at most 4 M voxels).
+    """
+    if modality == "ct":
+        lo, hi = pre.ct_window
+        return float(lo), float(hi)
+    if modality == "mr":
+        flat = torch.as_tensor(volume).reshape(-1)
+        if flat.numel() > 4_000_000:  # quantile() limit; a strided subsample is plenty
+            flat = flat[:: flat.numel() // 4_000_000 + 1]
+        flat = flat.float()
+        q = torch.quantile(flat, torch.tensor([p / 100.0 for p in pre.mr_percentiles], device=flat.device))
+        return float(q[0]), float(q[1])
+    raise ValueError(f"unknown modality {modality!r}; expected 'ct' or 'mr'")
+
+
+def apply_window(volume: torch.Tensor | np.ndarray, window: tuple[float, float]) -> torch.Tensor:
+    """Clip to ``window = (lo, hi)`` and scale to [0, 1] (float32; all zeros when ``hi <= lo``)."""
+    x = torch.as_tensor(volume)
+    lo, hi = window
+    if hi <= lo:
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return x.float().clamp(lo, hi).sub_(lo).div_(hi - lo)
+
+
 def normalise_intensity(
     volume: torch.Tensor | np.ndarray,
     modality: str,
@@ -32,22 +60,10 @@ def normalise_intensity(
     """Map a volume's intensities to [0, 1] (float32).
 
     CT: clip to ``pre.ct_window`` (HU) and scale. MR: clip to the volume's own
-    ``pre.mr_percentiles`` and scale (a constant volume maps to 0).
+    ``pre.mr_percentiles`` and scale (a constant volume maps to 0). Equal to
+    :func:`apply_window` with :func:`intensity_window`, which normalises a volume in parts.
     """
-    x = torch.as_tensor(volume).float()
-    if modality == "ct":
-        lo, hi = pre.ct_window
-    elif modality == "mr":
-        flat = x.flatten()
-        if flat.numel() > 4_000_000:  # quantile() limit; a strided subsample is plenty
-            flat = flat[:: flat.numel() // 4_000_000 + 1]
-        q = torch.quantile(flat, torch.tensor([p / 100.0 for p in pre.mr_percentiles], device=flat.device))
-        lo, hi = float(q[0]), float(q[1])
-    else:
-        raise ValueError(f"unknown modality {modality!r}; expected 'ct' or 'mr'")
-    if hi <= lo:
-        return torch.zeros_like(x)
-    return ((x.clamp(lo, hi) - lo) / (hi - lo)).float()
+    return apply_window(volume, intensity_window(volume, modality, pre))
 
 
 def axial_slices(volume: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 For one volume in the canonical frame:
 
-1. intensities are normalised for the volume's modality (CT: HU window; MR: per-volume percentiles);
-2. axial slices are padded to square and resized to the model grid, a chunk of slices at a time;
+1. the intensity window is chosen for the volume's modality (CT: HU window; MR: per-volume
+   percentiles);
+2. a chunk of axial slices at a time is windowed to [0, 1], padded to square and resized to the
+   model grid;
 3. the model encodes each slice once, adapts each centre slice over its window's cached tokens and
    decodes every organ from the same adapted tokens (:meth:`TGatedModel.iter_segment_stack`);
 4. per-organ probabilities are resampled back to the slice's native grid (bilinear), slice by slice,
@@ -11,8 +13,11 @@ For one volume in the canonical frame:
    ``preprocess.background_threshold``.
 
 Memory is bounded by the volume: slices are processed in chunks (with the neighbours their windows
-need), and probabilities at native resolution exist only for a few slices at a time unless they are
-requested (``keep_probabilities``: O × volume float16). :meth:`Predictor.memory_estimate` gives the
+need), the only volume-sized arrays are the input and the label map, and probabilities at native
+resolution exist only for a few slices at a time (``NATIVE_BLOCK_VALUES``), never as an
+organs × volume float32 array, unless they are requested (``keep_probabilities``: O × volume
+float16). For a 512 × 512 × 300 CT and the full-size model the peak stays below
+3 × (volume as float32 + model weights) (``benchmarks/whole_ct.py``). :meth:`Predictor.memory_estimate` gives the
 peak for a volume; :meth:`Predictor.check_memory` turns an estimate above the available memory into
 an error before any work starts (with the fixes: a smaller ``batch_size``, no probabilities, a
 crop), and running out of memory anyway is reported the same way.
@@ -31,10 +36,11 @@ import numpy as np
 import torch
 
 from tgated.data.slices import (
+    apply_window,
     axial_slices,
     from_axial_slices,
     from_model_grid,
-    normalise_intensity,
+    intensity_window,
     to_model_grid,
 )
 from tgated.io.volumes import Volume
@@ -48,6 +54,8 @@ logger = logging.getLogger(__name__)
 CT_LOW_PERCENTILE = 0.5
 CT_LOW_HU = -200.0
 GB = 1e9
+NATIVE_BLOCK_VALUES = 16_000_000
+"""Probabilities resampled to the native grid at once (64 MB of float32: 4 slices of 13 organs at 512²)."""
 RUNTIME_OVERHEAD_GB = 0.15
 """Allocator caches, thread pools and the prompts' text-tower pass, measured on CPU (about 0.1-0.2 GB)."""
 
@@ -272,6 +280,11 @@ class Predictor:
             return max(lo, 0), min(hi, z)
         return max(start - k // 2, 0), min(end + k // 2, z)
 
+    def _native_group(self, n_organs: int, h: int, w: int) -> int:
+        """Slices whose probabilities are resampled to the native grid at once: at most
+        ``NATIVE_BLOCK_VALUES`` float32 values (organs × slices × H × W), never the whole volume's."""
+        return max(1, min(self.batch_size, NATIVE_BLOCK_VALUES // max(1, n_organs * h * w)))
+
     def memory_estimate(
         self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool = False
     ) -> MemoryEstimate:
@@ -307,7 +320,8 @@ class Predictor:
             + b * per_slice
         )
         x, y = int(volume_shape[0]), int(volume_shape[1])
-        group = max(1, min(self.batch_size, int(64e6 // max(1, n_organs * x * y))))
+        work += images * x * y * 4 * 3  # the chunk's slab of the volume: windowed, flipped to slices
+        group = self._native_group(n_organs, y, x)
         work += group * n_organs * x * y * 4 * 3  # native-resolution probabilities of a few slices
         return MemoryEstimate(
             estimate_memory_gb(volume_shape, n_organs, keep_probabilities),
@@ -409,16 +423,14 @@ class Predictor:
     ) -> Prediction:
         pre = self.model.config.preprocess
         size = int(pre.image_size)
-        norm = normalise_intensity(volume.data, mod, pre)
-        slices = axial_slices(norm)  # (Z, H, W)
-        z, h, w = slices.shape
+        window = intensity_window(volume.data, mod, pre)
+        w, h, z = volume.shape  # canonical (X, Y, Z); axial slices are (Z, H = Y, W = X)
         positions = volume.slice_positions()
         ids = torch.tensor([o.id for o in organ_list], dtype=torch.uint8)
         threshold = float(pre.background_threshold)
         labels = torch.zeros((z, h, w), dtype=torch.uint8)
         probs = torch.zeros((len(organ_list), z, h, w), dtype=torch.float16) if keep_probabilities else None
-        # native-resolution probabilities for this many slices at once (bounded memory)
-        group = max(1, min(self.batch_size, int(64e6 // max(1, len(organ_list) * h * w))))
+        group = self._native_group(len(organ_list), h, w)
         chunks = range(0, z, self.chunk_slices)
         bar = progress(
             total=z, desc=Path(volume.source).name[:30], unit="slice", quiet=self.quiet, lines=False, leave=False
@@ -426,7 +438,10 @@ class Predictor:
         for start in chunks:
             end = min(start + self.chunk_slices, z)
             lo, hi = self._halo(positions, start, end)
-            stack = to_model_grid(slices[lo:hi].unsqueeze(1).contiguous(), size).to(self.device)
+            # only this chunk (and its windows' neighbours) is normalised and resized
+            slab = axial_slices(apply_window(volume.data[:, :, lo:hi], window))
+            stack = to_model_grid(slab.unsqueeze(1).contiguous(), size).to(self.device)
+            del slab
             with self._autocast():
                 stream = self.model.iter_segment_stack(
                     stack,
@@ -440,7 +455,8 @@ class Predictor:
                     if not bool(keep.any()):
                         continue
                     cz = (centres[keep] + lo).tolist()
-                    p = torch.sigmoid(logits[keep.to(logits.device)].float())
+                    p = logits[keep.to(logits.device)].float().sigmoid_()
+                    del logits
                     for g in range(0, len(cz), group):
                         native = from_model_grid(p[g : g + group], (h, w)).cpu()
                         best, arg = native.max(dim=1)
@@ -461,13 +477,14 @@ class Predictor:
 def estimate_memory_gb(volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool) -> float:
     """Host memory (GB) of the arrays of :meth:`Predictor.predict_volume` that scale with the volume.
 
-    Per voxel: the image (float32), its normalised copy and the slice view (float32 each), the
-    label map, its canonical and original-layout copies (uint8 each); with probabilities, O float16
-    values three times (canonical, back in slice order, original layout when written). The
-    batch-dependent model-grid work is in :meth:`Predictor.memory_estimate`.
+    Per voxel: the image (float32), the label map, its canonical and original-layout copies (uint8
+    each); with probabilities, O float16 values three times (canonical, back in slice order,
+    original layout when written). Intensities are normalised a chunk of slices at a time, so no
+    normalised copy of the volume exists; that and the other batch-dependent work is in
+    :meth:`Predictor.memory_estimate`.
     """
     voxels = math.prod(int(v) for v in volume_shape)
-    per_voxel = 4 * 3 + 1 * 3
+    per_voxel = 4 + 1 * 3
     if keep_probabilities:
         per_voxel += 2 * n_organs * 3
     return voxels * per_voxel / GB
