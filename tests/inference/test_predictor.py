@@ -111,3 +111,28 @@ def test_segment_api_returns_input_geometry(tmp_path):
     nib.save(img, tmp_path / "x.nii.gz")
     again = tgated.segment(tmp_path / "x.nii.gz", tmp_path / "m", device="cpu")
     np.testing.assert_array_equal(np.asanyarray(again.dataobj), np.asanyarray(out.dataobj))
+
+
+def test_probabilities_stream_in_blocks(monkeypatch):
+    """No array of organs × volume probabilities, nor a normalised copy of the volume, is ever made:
+    slabs of a chunk are windowed, a few slices' probabilities are resampled at once, and the labels
+    equal those of a whole-volume pass."""
+    import tgated.inference.predictor as P
+
+    model = _model(context=3)
+    vol = _ct_volume(shape=(37, 29, 11))
+    reference = Predictor(model, chunk_slices=1000, batch_size=11).predict_volume(vol)
+    windowed, resampled = [], []
+    apply_window, from_model_grid = P.apply_window, P.from_model_grid
+    monkeypatch.setattr(P, "apply_window", lambda x, win: windowed.append(x.shape) or apply_window(x, win))
+    monkeypatch.setattr(
+        P, "from_model_grid", lambda x, shape: resampled.append(x.shape) or from_model_grid(x, shape)
+    )
+    monkeypatch.setattr(P, "NATIVE_BLOCK_VALUES", 2 * 13 * 37 * 29)  # two slices of 13 organs
+    streamed = Predictor(model, chunk_slices=4, batch_size=3).predict_volume(vol)
+    np.testing.assert_array_equal(streamed.labels, reference.labels)
+    assert reference.labels.any()
+    # chunks of 4 centre slices + 1 neighbour on each side (K = 3), never all 11 slices
+    assert windowed == [(37, 29, 5), (37, 29, 6), (37, 29, 4)]
+    assert max(s[0] for s in resampled) == 2 and {s[1:] for s in resampled} == {(13, 64, 64)}
+    assert sum(s[0] for s in resampled) == 11  # every slice resampled once
