@@ -18,7 +18,9 @@ get random values (gate half open) so that neighbours change the output, as afte
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--repeat", type=int, default=1, help="best of N runs per path (noisy machines)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         f"threads={torch.get_num_threads()} dtype={args.dtype}"
     )
     print(f"{'model':6} {'S':>4} {'N':>4} {'C':>4} {'shared s':>9} {'naive s':>9} {'ratio':>7} {'max|Δ|':>9}")
+    results = []
     for name in args.models.split(","):
         r = bench(
             name.strip(), args.slices, args.context, args.organs, args.batch_size, device, dtype, args.repeat
@@ -154,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['model']:6} {r['S']:>4} {r['tokens']:>4} {r['width']:>4} {r['shared_s']:>9.3f} "
             f"{r['naive_s']:>9.3f} {r['ratio']:>6.1f}x {r['max_abs_diff']:>9.2e}"
         )
+        results.append(r)
+    if args.json:
+        run = {"slices": args.slices, "context": args.context, "organs": args.organs, "dtype": args.dtype}
+        run.update(device=str(device), threads=torch.get_num_threads(), models=results)
+        args.json.write_text(json.dumps(run, indent=2) + "\n")
 
 
 if __name__ == "__main__":
