@@ -74,7 +74,7 @@ else
     train_steps=(--set train.epochs=1 --set train.steps_per_epoch=2)
     sharing=(--models tiny --slices 4 --organs 3 --context 3)
     floor=(--model tiny --slices 4 --repeat 1)
-    whole=(--model tiny --size 64 --slices 8 --organs 3 --roi 32 --dynunet-windows 1)
+    whole=(--model tiny --size 64 --slices 8 --organs 3 --roi 32 --dynunet-windows 1 --our-slices 6)
     cache=(--model tiny --steps 2 --batch-size 2)
     metrics=(--shape 64 64 24 --spacing 1.5 1.5 3.0)
 fi
