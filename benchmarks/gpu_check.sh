@@ -9,7 +9,7 @@
 #
 # Steps (each benchmark's figures go under "benchmarks" in the JSON; the log next to it, .log):
 #  1. AMP training: the tiny config trained with train.precision bf16, fp16 (GradScaler) and fp32, each
-#     followed by `tgated predict` and `tgated evaluate` on the GPU ("training": mean Dice per precision);
+#     followed by `tgated predict` and `tgated evaluate` of its test split on the GPU ("training": mean Dice per precision);
 #  2. bench_encoder_sharing.py: shared encoder vs the published per-window, per-organ loop, full size;
 #  3. encoder_floor.py: the vision encoder over 300 slices against the device's peak bf16 throughput;
 #  4. whole_ct.py: a 512 x 512 x 300 CT, our predictor vs MONAI DynUNet sliding window, peak memory;
@@ -101,7 +101,7 @@ EOF
             --set "model.organs=[liver]" --set train.lr_decoder=1e-2 --set train.lr_adapter=1e-2 \
             ${train_steps[@]+"${train_steps[@]}"}
         python3 -m tgated predict --model "$work/run_$p" --input "$work/data/images" \
-            --output "$work/pred_$p" --device "$device" --quiet
+            --run "$work/run_$p" --split test --output "$work/pred_$p" --device "$device" --quiet
         python3 -m tgated evaluate --pred "$work/pred_$p" --gt "$work/data" --dataset flare22 \
             --out "$work/eval_$p" --quiet
         python3 - "$parts/training.json" "$p" "$work/eval_$p/summary.json" <<'EOF'

@@ -46,7 +46,7 @@ def test_gpu_check_dry_run(tmp_path):
     whole = bench["whole_ct"]
     assert whole["volume"] == [64, 64, 8] and whole["scaled"] == ["ours", "dynunet"]
     assert whole["ours"]["seconds"] == pytest.approx(whole["ours"]["seconds_run"] * 8 / 6)  # 6 of 8 slices run
-    assert whole["dynunet"]["windows"] == 4 and whole["dynunet"]["windows_timed"] == 1  # 35 x 35 x 12 at 1.5 mm
+    assert whole["dynunet"]["windows"] == 4 and whole["dynunet"]["windows_timed"] == 1  # 35 x 35 x 8 voxels at 1.5 mm, 32³ windows
     assert whole["ratio"] == pytest.approx(whole["ours"]["seconds"] / whole["dynunet"]["seconds"])
     assert whole["peak_rss_gb"] > 0 and whole["bound_gb"] > 0
     assert bench["token_cache"]["loss_cached"] == pytest.approx(

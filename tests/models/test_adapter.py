@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tgated.config import AdapterConfig
-from tgated.models.adapter import DropPath, TGatedAdapter
+from tgated.models.adapter import DropPath, TemporalTransformer, TGatedAdapter
 
 SMALL = AdapterConfig(dim=32, layers=2, heads=4, ffn_dim=64, spatial_heads=4)
 
@@ -146,3 +146,23 @@ def test_temporal_drop_path_rises_linearly() -> None:
     rates = [layer.drop_path.p for layer in adapter.temporal.layers]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
     assert adapter.spatial.drop_path.p == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_temporal_inference_computes_the_centre_only_in_the_last_layer(k):
+    """At inference the last temporal layer computes the centre position alone: same output as
+    running every position through every layer and keeping the centre."""
+    torch.manual_seed(0)
+    cfg = AdapterConfig(dim=32, layers=3, heads=4, ffn_dim=64)
+    temporal = TemporalTransformer(48, k, cfg).eval()
+    with torch.no_grad():
+        for p in temporal.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # no zero-initialised layer hides a wrong position
+        x = torch.randn(2, k, 7, 48)
+        fast = temporal(x)
+        h = temporal.in_norm(temporal.in_proj(x.permute(0, 2, 1, 3).reshape(14, k, 48))) + temporal.pos_embed
+        for layer in temporal.layers:
+            h = layer(h)
+        full = temporal.out_proj(temporal.out_norm(h[:, k // 2])).view(2, 7, 48)
+    assert fast.shape == (2, 7, 48) and full.abs().max() > 0.1
+    assert (fast - full).abs().max() <= 1e-5
