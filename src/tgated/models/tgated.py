@@ -510,19 +510,26 @@ class TGatedModel(nn.Module):
                     outs[wanted[i]] = h
         return torch.stack(outs, dim=1)  # type: ignore[arg-type]
 
-    def adapt(self, token_windows: torch.Tensor) -> list[torch.Tensor]:
+    def adapt(self, token_windows: torch.Tensor, index: torch.Tensor | None = None) -> list[torch.Tensor]:
         """(B, K, L, N, C) window tokens → the decoder's L inputs, each (B, N, C).
 
-        Adapted layers go through their adapter; the others come from the centre slice.
+        Adapted layers go through their adapter; the others come from the centre slice. With
+        ``index`` (B, K), ``token_windows`` are the tokens of distinct images (U, L, N, C) and window
+        ``b``'s k-th slice is image ``index[b, k]``: each layer gathers only what it reads (all K
+        slices for an adapted layer, the centre for the others), not every layer of every slice.
         """
-        k = token_windows.shape[1]
+        if index is None:
+            k = token_windows.shape[1]
+            window = lambda j: token_windows[:, :, j]  # noqa: E731
+            centre = lambda j: token_windows[:, k // 2, j]  # noqa: E731
+        else:
+            k, dt = index.shape[1], self.decoder.film_mul.weight.dtype  # cached tokens may be stored narrower
+            window = lambda j: token_windows[index, j].to(dt)  # noqa: E731
+            centre = lambda j: token_windows[index[:, k // 2], j].to(dt)  # noqa: E731
         out = []
         for j, layer in enumerate(self.token_layers):
             key = str(layer)
-            if key in self.adapters:
-                out.append(self.adapters[key](token_windows[:, :, j]))
-            else:
-                out.append(token_windows[:, k // 2, j])
+            out.append(self.adapters[key](window(j)) if key in self.adapters else centre(j))
         return out
 
     def decode(self, activations: list[torch.Tensor], conditional: torch.Tensor) -> torch.Tensor:
@@ -678,13 +685,16 @@ class TGatedModel(nn.Module):
             raise ValueError(f"slices: expected (Z, 1, S, S), got shape {tuple(slices.shape)}")
         _check_batch_size(batch_size)
         plan = self.plan(slices.shape[0], positions_mm, centres, neighbours)
-        chunks = []
+        tokens: torch.Tensor | None = None  # filled in place: never the cache and its parts at once
         batches = range(0, plan.num_images, batch_size)
         for start in progress(batches, desc="encode", quiet=quiet, lines=False, leave=False):
             which = slice(start, start + batch_size)
             tok = self.encode(plan.images(slices, which))
-            chunks.append(tok if cache_dtype is None else tok.to(cache_dtype))
-        return torch.cat(chunks), plan
+            if tokens is None:
+                tokens = tok.new_empty((plan.num_images, *tok.shape[1:]), dtype=cache_dtype or tok.dtype)
+            tokens[which] = tok
+        assert tokens is not None
+        return tokens, plan
 
     def _organ_list(self, organs: Sequence[OrganSpec] | None) -> list[Organ]:
         if organs is None:
@@ -724,7 +734,7 @@ class TGatedModel(nn.Module):
         ):
             idx = plan.index[start : start + batch_size].to(tokens.device)
             n = idx.shape[0]
-            acts = self.adapt(tokens[idx].to(self.decoder.film_mul.weight.dtype))
+            acts = self.adapt(tokens, idx)
             yield plan.centres[start : start + n], decode_organs(self.decoder, acts, cond)
 
     @torch.no_grad()
