@@ -138,6 +138,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment_paper(args: argparse.Namespace) -> int:
+    from tgated.experiments.paper import run_paper
+
+    run_paper(
+        args.flare22,
+        args.out,
+        btcv=args.btcv,
+        amos=args.amos,
+        recipe=args.recipe,
+        methods=args.methods,
+        preset=args.preset,
+        overrides=args.set,
+        device=args.device,
+        config_dir=args.configs,
+        quiet=args.quiet,
+    )
+    if not args.quiet:
+        with open(os.path.join(args.out, "table.md"), encoding="utf-8") as fh:
+            print(fh.read())
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from tgated.report import make_report
 
@@ -196,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, required=True, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument(
-        "--layout", choices=LAYOUT_NAMES, default=LAYOUT_NAMES[0], help="dataset layout (default: %(default)s)"
+        "--layout",
+        choices=LAYOUT_NAMES,
+        default=LAYOUT_NAMES[0],
+        help="dataset layout (default: %(default)s)",
     )
     p.add_argument("--modality", choices=("ct", "mr"), default="ct", help="ct or mr (default: ct)")
     p.add_argument("--size", type=int, default=128, help="in-plane size in voxels (default: 128)")
@@ -314,6 +339,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     _common(p)
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("experiment", help="experiments: the paper's protocol")
+    exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    p = exp.add_parser(
+        "paper",
+        help="the paper's main table: train, predict and evaluate FLARE22 (test split), BTCV, AMOS CT and MR",
+        description="Train what is missing, predict and evaluate FLARE22's test split and the zero-shot sets "
+        "(BTCV, AMOS CT, AMOS MR, each on its own), and write OUT/results.json, OUT/table.md and "
+        "OUT/report/report.html. Re-running skips finished steps.",
+    )
+    p.add_argument("--flare22", required=True, help="FLARE22 root (images/, labels/)")
+    p.add_argument("--btcv", default=None, help="BTCV root (img/, label/); skipped when not given")
+    p.add_argument("--amos", default=None, help="AMOS22 root (imagesTr/, labelsTr/); skipped when not given")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--recipe",
+        choices=("reference", "ours"),
+        default="reference",
+        help="reference: the published code's recipe (configs/reference/, comparable with the paper); "
+        "ours: configs/ (default: reference)",
+    )
+    p.add_argument("--methods", default="tgated,baseline,dynunet", help="default: tgated,baseline,dynunet")
+    p.add_argument(
+        "--preset",
+        choices=("cpu-tiny",),
+        default=None,
+        help="cpu-tiny: tiny random models and short schedules (minutes on CPU; checks the pipeline only)",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument(
+        "--configs", default=None, help="folder holding the recipe configs (default: the checkout's configs/)"
+    )
+    _common(p)
+    p.set_defaults(func=_cmd_experiment_paper)
     return parser
 
 
