@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("experiment", help="experiments: the CPU evidence experiment")
+    p = sub.add_parser("experiment", help="experiments: the CPU evidence experiment, the paper's protocol")
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     p = exp.add_parser(
         "evidence",
@@ -327,21 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="tgated_evidence", help="output folder (default: ./tgated_evidence)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3)")
-    p.add_argument("--cases", type=int, default=None, help="phantoms in all (default 26: 12 train, 2 val, 12 test)")
-    p.add_argument("--quick", action="store_true", help="a one-minute pipeline check (its numbers mean nothing)")
+    p.add_argument(
+        "--cases", type=int, default=None, help="phantoms in all (default 26: 12 train, 2 val, 12 test)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a one-minute pipeline check (its numbers mean nothing)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     _common(p)
     p.set_defaults(func=_cmd_experiment_evidence)
 
-    p = sub.add_parser("report", help="comparison tables, plots and report.html from runs / evaluations")
-    p.add_argument("inputs", nargs="+", help="run folders or evaluation folders")
-    p.add_argument("--out", required=True, help="output folder")
-    _common(p)
-    p.set_defaults(func=_cmd_report)
-
-    p = sub.add_parser("experiment", help="experiments: the paper's protocol")
-    exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     p = exp.add_parser(
         "paper",
         help="the paper's main table: train, predict and evaluate FLARE22 (test split), BTCV, AMOS CT and MR",
@@ -374,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(func=_cmd_experiment_paper)
+
+    p = sub.add_parser("report", help="comparison tables, plots and report.html from runs / evaluations")
+    p.add_argument("inputs", nargs="+", help="run folders or evaluation folders")
+    p.add_argument("--out", required=True, help="output folder")
+    _common(p)
+    p.set_defaults(func=_cmd_report)
+
     return parser
 
 
