@@ -3,6 +3,8 @@
 * :mod:`tgated.experiments.demo`: ``tgated demo``, the embedded CPU demo.
 * :mod:`tgated.experiments.evidence`: ``tgated experiment evidence``, the pre-registered CPU
   experiment that asks whether the adjacent-slice context is used and helps.
+* :mod:`tgated.experiments.paper`: ``tgated experiment paper``, the paper's main table (FLARE22 test
+  split, BTCV, AMOS CT and MR) for T-Gated, its baseline and the DynUNet, in either recipe.
 
 Names are re-exported lazily so that ``import tgated.experiments`` stays light.
 """
