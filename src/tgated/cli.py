@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smaller demo (about 1.5 minutes on 2 CPU cores; the full one takes about 4)",
+        help="a smaller demo (about 2 minutes on 2 CPU cores; the full one takes about 5)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     _common(p)
