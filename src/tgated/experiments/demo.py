@@ -1,9 +1,9 @@
 """Experiments: the embedded demo (train → predict → evaluate → report), resumable.
 
-``tgated demo`` runs on CPU in minutes: synthetic abdominal phantoms in the FLARE22 layout, the
-single-slice baseline (``adapter: none``) and T-Gated trained with the same tiny, randomly
-initialised CLIPSeg and the same recipe, predictions on the held-out phantoms, evaluation, and a
-report. When the real example scans can be fetched (TotalSegmentator's sdist on PyPI), both models
+``tgated demo`` runs on CPU in minutes: synthetic abdominal phantoms in the FLARE22 layout, the CPU
+evidence recipe at the demo's size (a tiny, randomly initialised CLIPSeg trained on single slices as
+stage 1, then the single-slice baseline (``adapter: none``) and T-Gated fine-tuned from it with the
+same recipe), predictions on the held-out phantoms, evaluation, and a report. When the real example scans can be fetched (TotalSegmentator's sdist on PyPI), both models
 are also run on a real CT — a zero-shot domain shift, scored against TotalSegmentator's own
 predictions. Re-running the demo into the same folder reuses finished steps.
 
