@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tgated.config import PreprocessConfig, TrainConfig
+from tgated.models.tgated import plan_windows
 from tgated.organs import ORGAN_BY_NAME
 from tgated.training.augment import (
     LATERAL_PARTNER,
@@ -16,7 +17,7 @@ from tgated.training.augment import (
     sample_rng,
     target_organ,
 )
-from tgated.training.loop import _EpochBatches, _Plan
+from tgated.training.loop import _EpochBatches
 from tgated.training.sampling import (
     TrainVolume,
     build_sample_index,
@@ -156,9 +157,8 @@ def test_flip_swaps_left_and_right_kidney_in_the_batches():
     lab[1, 4:9, 1:4] = R_KIDNEY  # patient's right = low column index (radiological view)
     lab[1, 6:8, 10:15] = L_KIDNEY  # another shape, so a plain flip of the right kidney cannot pass
     vol = volume(lab, (R_KIDNEY, L_KIDNEY))
-    plan = _Plan(
-        torch.arange(3), torch.arange(3), torch.zeros(3), torch.tensor([[0, 0, 1], [0, 1, 2], [1, 2, 2]])
-    )
+    plan = plan_windows(3, 3)
+    assert plan.index.tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 2]] and plan.lo.tolist() == [0, 1, 2]
     cfg = TrainConfig(augment=True, flip_lr=1.0, rotate_deg=0.0, scale=0.0, intensity=0.0)
     order = np.array([[0, 1, R_KIDNEY, 0], [0, 1, L_KIDNEY, 0]])
     batch = _EpochBatches(order, [vol], [plan], None, cfg, [0, 0], 0, 2, 0, 1)[0]

@@ -126,7 +126,14 @@ def resolve_modality(volume: Volume, requested: str | None, model_modality: str 
         mod, why = volume.modality, "the DICOM Modality tag"
     else:
         mod, why = stats, f"intensity statistics, {_evidence(stats)}"
-    logger.info("%s: modality %s (from %s)", volume.source, mod.upper(), why)
+    # a modality the caller chose needs no note; one read from the file or the intensities does
+    logger.log(
+        logging.DEBUG if requested in ("ct", "mr") else logging.INFO,
+        "%s: modality %s (from %s)",
+        volume.source,
+        mod.upper(),
+        why,
+    )
     if model_modality in ("ct", "mr") and mod != model_modality:
         logger.warning(
             "%s: the volume is %s (from %s) but the model was trained on %s; this is a zero-shot "

@@ -38,14 +38,9 @@ without a checkpoint starts it again from the beginning.
 
 Token cache
 -----------
-With ``model.train_backbone: false`` the vision tower is a fixed function of each slice, so its
-tokens can be computed once per distinct image (:meth:`~tgated.models.tgated.TGatedModel.plan`,
-physical-mode interpolated images included) instead of once per sample per epoch.
-``train.cache_tokens``: ``off``; ``memory`` / ``disk`` (a memory-mapped scratch file under ``RUN``,
-removed at the end) — image-space augmentation is then off (logged); ``auto`` caches in memory when
-the backbone is frozen **and** no augmentation is asked for (``augment: false`` or all its magnitudes
-0), so the paper-protocol configs keep the augmenting, uncached path. Both are bounded by
-``cache_max_gb``: over it, ``auto`` does not cache (logged) and ``memory``/``disk`` are an error.
+With a frozen backbone the vision tokens of every distinct window image can be computed once
+(``train.cache_tokens``; :mod:`tgated.training.token_cache`). ``auto`` caches only when no
+augmentation is asked for, so the paper-protocol configs keep the augmenting, uncached path.
 
 Distributed
 -----------
@@ -65,13 +60,12 @@ import io
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -91,7 +85,6 @@ from tgated.progress import progress
 from tgated.training.augment import (
     Transform,
     apply_transform,
-    augmentation_active,
     draw_transform,
     sample_rng,
     target_organ,
@@ -114,6 +107,10 @@ from tgated.training.sampling import (
     load_train_volume,
     resolve_organ_weights,
 )
+from tgated.training.token_cache import TokenCache, build_token_cache, window_images
+
+if TYPE_CHECKING:
+    from tgated.models.tgated import WindowPlan
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +144,6 @@ LOG_COLUMNS: tuple[str, ...] = (
 VAL_BATCH_SIZE = 16
 VAL_CACHE_GB = 4.0
 """Validation volumes are kept in memory between validations up to this size."""
-CACHE_ENCODE_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -385,24 +381,33 @@ def _splits(cfg: ExperimentConfig, run: Path, resuming: bool) -> tuple[dict[str,
 
 
 @dataclass
-class _Plan:
-    """A volume's context windows (:class:`tgated.models.tgated.WindowPlan` for every centre)."""
+class LossMeter:
+    """Sums of the loss terms, each weighted by its batch's sample count, since the epoch began."""
 
-    lo: torch.Tensor
-    hi: torch.Tensor
-    w: torch.Tensor
-    index: torch.Tensor  # (Z, K) distinct-image ids of each centre's window
+    total: float = 0.0
+    bce: float = 0.0
+    dice: float = 0.0
+    gate: float = 0.0
+    samples: float = 0.0
 
+    def add(self, n: int, total: float, bce: float, dice: float, gate: float) -> None:
+        self.total += total * n
+        self.bce += bce * n
+        self.dice += dice * n
+        self.gate += gate * n
+        self.samples += n
 
-def _images(slices: torch.Tensor, plan: _Plan, ids: torch.Tensor) -> torch.Tensor:
-    """Distinct images ``ids`` of a plan as float32 (n, 1, S, S): ``(1 − w)·slice[lo] + w·slice[hi]``."""
-    a = slices[plan.lo[ids]].float()
-    w = plan.w[ids]
-    if not bool((w != 0).any()):
-        return a
-    b = slices[plan.hi[ids]].float()
-    w = w.view(-1, *([1] * (a.dim() - 1)))
-    return (1 - w) * a + w * b
+    def as_list(self) -> list[float]:
+        """``[total, bce, dice, gate, samples]`` (the checkpoint's ``loss_sums``; summed over ranks)."""
+        return [self.total, self.bce, self.dice, self.gate, self.samples]
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> LossMeter:
+        return cls(*(float(v) for v in values))
+
+    def means(self) -> dict[str, float]:
+        n = max(self.samples, 1.0)
+        return {"loss": self.total / n, "loss_bce": self.bce / n, "loss_dice": self.dice / n, "loss_gate": self.gate / n}
 
 
 class _EpochBatches(Dataset):
@@ -413,7 +418,7 @@ class _EpochBatches(Dataset):
         self,
         order: np.ndarray,
         volumes: Sequence[TrainVolume],
-        plans: Sequence[_Plan],
+        plans: Sequence[WindowPlan],
         tokens: Sequence[Any] | None,
         train_cfg: Any,
         seed: Sequence[int],
@@ -447,7 +452,7 @@ class _EpochBatches(Dataset):
             t = dataclasses.replace(t, flip=flip)
             mask = vol.labels[z] == label_id
             if self.tokens is None:
-                window, m = apply_transform(_images(vol.slices, plan, plan.index[z]), mask, t)
+                window, m = apply_transform(window_images(vol.slices, plan, plan.index[z]), mask, t)
             else:
                 store = self.tokens[v]
                 if isinstance(store, torch.Tensor):
@@ -492,7 +497,7 @@ class _Trainer:
         self.val_latest: dict[str, Any] | None = None
         self._val_volumes: dict[str, tuple[Any, Any]] = {}
         self._tb: Any = None
-        self._cache_dir: tempfile.TemporaryDirectory | None = None
+        self._cache: TokenCache | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -501,6 +506,14 @@ class _Trainer:
         logger.log(logging.INFO if self.ctx.is_main else logging.DEBUG, msg, *args)
 
     def setup(self) -> None:
+        """Data and model, the run folder, the schedule, the token cache, the optimizer, the state."""
+        self._setup_data()
+        self._setup_schedule()
+        self._setup_optimizer()
+        self._setup_state()
+
+    def _setup_data(self) -> None:
+        """Split, model, training volumes and their sample index, the run folder, window plans."""
         from tgated.data.datasets import write_splits
         from tgated.models.tgated import TGatedModel
 
@@ -550,11 +563,11 @@ class _Trainer:
             self.run.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run / "config.yaml", dump_yaml(cfg))
             write_splits(self.run / "splits.json", self.splits)
-        self.plans = []
-        for v in self.volumes:
-            p = self.model.plan(v.num_slices, v.positions_mm)
-            self.plans.append(_Plan(p.lo, p.hi, p.w, p.index))
+        self.plans = [self.model.plan(v.num_slices, v.positions_mm) for v in self.volumes]
 
+    def _setup_schedule(self) -> None:
+        """Batches per epoch, optimizer steps, the warm-restart cycle; the token cache."""
+        cfg, t = self.cfg, self.t
         b, a = t.batch_size, t.grad_accum
         if t.steps_per_epoch:
             self.micro_per_epoch = t.steps_per_epoch * a
@@ -573,8 +586,24 @@ class _Trainer:
             self.ctx.world_size,
         )
 
-        self.tokens = self._build_token_cache()
+        self._cache = build_token_cache(
+            self.model,
+            self.volumes,
+            self.plans,
+            t,
+            train_backbone=cfg.model.train_backbone,
+            amp_dtype=self.amp_dtype,
+            device=self.device,
+            run=self.run,
+            rank=self.ctx.rank,
+            quiet=self.quiet,
+            info=self.info,
+        )
+        self.tokens = self._cache.tokens if self._cache is not None else None
 
+    def _setup_optimizer(self) -> None:
+        """AdamW with one learning-rate group per part, the GradScaler, DDP."""
+        t = self.t
         groups = self.model.param_groups()
         lrs = {
             "adapter": t.lr_adapter,
@@ -597,8 +626,12 @@ class _Trainer:
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
+
+    def _setup_state(self) -> None:
+        """A fresh start (seeded) or the checkpoint's state; TensorBoard."""
+        t = self.t
         self.epoch, self.pos, self.step = 0, 0, 0
-        self.loss_sums = [0.0] * 5  # total, bce, dice, gate (× samples), samples
+        self.losses = LossMeter()
         self.best_dice: float | None = None
         self.best_epoch: int | None = None
         if self.ckpt_path is not None:
@@ -617,82 +650,6 @@ class _Trainer:
                 ) from None
             self._tb = SummaryWriter(str(self.run / "tensorboard"))
 
-    def _build_token_cache(self) -> list[Any] | None:
-        t, model = self.t, self.model
-        frozen = not self.cfg.model.train_backbone
-        augmenting = augmentation_active(t)
-        mode = t.cache_tokens
-        if mode == "auto":
-            mode = "memory" if frozen and not augmenting else "off"
-            if mode == "off":
-                why = "the backbone is trained" if not frozen else "augmentation is on"
-                self.info("token cache off (cache_tokens: auto, %s)", why)
-        if mode == "off":
-            return None
-        dtype = torch.float32 if self.amp_dtype is None else torch.float16
-        n_tok = (self.model.image_size // int(model.backbone.config.vision_config.patch_size)) ** 2 + 1
-        per_image = (
-            len(model.token_layers) * n_tok * model.channels * torch.tensor([], dtype=dtype).element_size()
-        )
-        gb = sum(p.lo.numel() for p in self.plans) * per_image / 1e9
-        if gb > t.cache_max_gb:
-            msg = (
-                f"the token cache needs {gb:.2f} GB (> train.cache_max_gb={t.cache_max_gb}); raise cache_max_gb, "
-                "or train without it (cache_tokens: off)"
-            )
-            if t.cache_tokens == "auto":
-                logger.warning("token cache off: %s", msg)
-                return None
-            raise ValueError(f"train.cache_tokens={t.cache_tokens!r}: {msg}")
-        if augmenting:
-            logger.warning("token cache on (%s): image-space augmentation is off", mode)
-        self.info("caching vision tokens (%s, %.2f GB, %s)", mode, gb, str(dtype).replace("torch.", ""))
-        if mode == "disk":
-            self._cache_dir = tempfile.TemporaryDirectory(
-                dir=self.run, prefix=f".token-cache-rank{self.ctx.rank}-"
-            )
-        out: list[Any] = []
-        was_training = model.training
-        model.eval()
-        try:
-            for v, (vol, plan) in enumerate(
-                progress(
-                    list(zip(self.volumes, self.plans, strict=True)),
-                    desc="caching tokens",
-                    unit="case",
-                    quiet=self.quiet,
-                )
-            ):
-                u = plan.lo.numel()
-                store: Any
-                if mode == "disk":
-                    assert self._cache_dir is not None
-                    np_dtype = np.float32 if dtype == torch.float32 else np.float16
-                    shape = (u, len(model.token_layers), n_tok, model.channels)
-                    store = np.lib.format.open_memmap(
-                        os.path.join(self._cache_dir.name, f"{v}.npy"), mode="w+", dtype=np_dtype, shape=shape
-                    )
-                else:
-                    store = None
-                chunks = []
-                for start in range(0, u, CACHE_ENCODE_BATCH):
-                    ids = torch.arange(start, min(start + CACHE_ENCODE_BATCH, u))
-                    with torch.no_grad(), self._autocast():
-                        tok = model.encode(_images(vol.slices, plan, ids).to(self.device))
-                    tok = tok.to("cpu", dtype)
-                    if store is None:
-                        chunks.append(tok)
-                    else:
-                        store[start : start + len(ids)] = tok.numpy()
-                if store is None:
-                    out.append(torch.cat(chunks))
-                else:
-                    store.flush()
-                    out.append(np.load(store.filename, mmap_mode="r"))
-        finally:
-            model.train(was_training)
-        return out
-
     def _autocast(self) -> Any:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -702,7 +659,7 @@ class _Trainer:
 
     def _state(self) -> dict[str, Any]:
         rngs = self.ctx.all_gather(rng_state())
-        sums = self.ctx.all_reduce_sum(self.loss_sums)
+        sums = self.ctx.all_reduce_sum(self.losses.as_list())
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         replicas = self.ctx.all_gather(state_digest(trainable))
         if len(set(replicas)) > 1:
@@ -756,7 +713,7 @@ class _Trainer:
             raise ValueError(f"{path}: does not fit this run's model ({str(exc)[:300]})") from None
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.pos, self.step = int(state["epoch"]), int(state["pos"]), int(state["step"])
-        self.loss_sums = list(state["loss_sums"]) if self.ctx.is_main else [0.0] * 5
+        self.losses = LossMeter.from_list(state["loss_sums"]) if self.ctx.is_main else LossMeter()
         stats = state.get("adapter_stats") or []
         if stats:
             mine = stats[self.ctx.rank] if len(stats) == self.ctx.world_size else stats[0]
@@ -859,13 +816,12 @@ class _Trainer:
                 gate = self.model.gate_regularization().float()
                 loss = parts.total + gate
                 self.scaler.scale(loss / a).backward()
-            n = int(masks.shape[0])
-            for i, v in enumerate((loss, parts.bce, parts.dice, gate)):
-                self.loss_sums[i] += float(v.detach()) * n
-            self.loss_sums[4] += n
+            self.losses.add(
+                int(masks.shape[0]), *(float(v.detach()) for v in (loss, parts.bce, parts.dice, gate))
+            )
             bar.update(1)
             if not self.quiet:
-                bar.set_postfix(loss=f"{self.loss_sums[0] / max(self.loss_sums[4], 1):.4f}")
+                bar.set_postfix(loss=f"{self.losses.means()['loss']:.4f}")
             if last:
                 self._optimizer_step()
                 self.pos = mb + 1
@@ -908,9 +864,6 @@ class _Trainer:
             variants.append("centre")
         rows: list[tuple[str, str, str, float]] = []
         predictor = Predictor(self.model, device=self.device, batch_size=VAL_BATCH_SIZE, quiet=True)
-        pred_log = logging.getLogger("tgated.inference.predictor")
-        level = pred_log.level
-        pred_log.setLevel(max(level, logging.WARNING))  # no per-volume modality notes every validation
         try:
             for case in mine:
                 image, label = self._val_volume(case)
@@ -924,7 +877,6 @@ class _Trainer:
                         if g.any() or p.any():
                             rows.append((variant, case.case_id, organ.name, float(dice(g, p))))
         finally:
-            pred_log.setLevel(level)
             self.model.pop_adapter_stats()  # validation passes are not training statistics
             self.model.train()
         all_rows = [r for part in self.ctx.all_gather(rows) for r in part]
@@ -973,16 +925,12 @@ class _Trainer:
                     d,
                     self.run / "model",
                 )
-        sums = self.ctx.all_reduce_sum(self.loss_sums)
-        n = max(sums[4], 1.0)
+        epoch_losses = LossMeter.from_list(self.ctx.all_reduce_sum(self.losses.as_list()))
         row = {
             "epoch": self.epoch + 1,
             "step": self.step,
             **self._lrs(),
-            "loss": sums[0] / n,
-            "loss_bce": sums[1] / n,
-            "loss_dice": sums[2] / n,
-            "loss_gate": sums[3] / n,
+            **epoch_losses.means(),
             "val_dice": "" if val is None or val["mean_dice"] is None else val["mean_dice"],
             "val_dice_centre_only": ""
             if val is None or val.get("mean_dice_centre_only") is None
@@ -1021,7 +969,7 @@ class _Trainer:
                 self._tb.flush()
         self.epoch += 1
         self.pos = 0
-        self.loss_sums = [0.0] * 5
+        self.losses = LossMeter()
         self._checkpoint()
 
     def _write_logs(self) -> None:
@@ -1067,9 +1015,9 @@ class _Trainer:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-        if self._cache_dir is not None:
+        if self._cache is not None:
             self.tokens = None
-            self._cache_dir.cleanup()
+            self._cache.close()
 
 
 def stage1_config(cfg: ExperimentConfig) -> ExperimentConfig:
