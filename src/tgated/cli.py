@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from tgated import __version__
 from tgated.data.layouts import LAYOUT_NAMES
@@ -380,6 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler, torchrun stopping its workers): handled as Ctrl-C is."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+MAX_MESSAGE_CHARS = 2000
+"""An error message longer than this is cut (a value quoted in it can be arbitrarily long)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + f"… ({len(message):,} characters)"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -392,22 +414,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         force=True,
     )
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         hint = ""
         if args.command == "train":
             hint = f"; the last checkpoint is kept: continue with tgated train {args.config} --out {args.out} --resume"
         elif args.command in ("predict", "demo"):
             hint = "; finished cases are kept: run the same command again to finish the rest"
-        print(f"tgated {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        terminated = isinstance(exc, Terminated)
+        print(
+            f"tgated {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}{hint}",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM if terminated else 130
     except (ValueError, OSError, RuntimeError, ImportError) as exc:
         if args.debug:
             raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"tgated {args.command}: error: {message}", file=sys.stderr)
+        print(f"tgated {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug: one line without --debug, the traceback with it
+        if args.debug:
+            raise
+        print(
+            f"tgated {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} — run again with "
+            "--debug for the traceback, and please report it",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +36,24 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid."""
+
+
+MAX_SHOWN_CHARS = 200
+"""Values quoted in error messages are shortened to about this many characters."""
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_SHOWN_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 12
+_REPR.maxlevel = 4
+
+
+def shorten(value: Any) -> str:
+    """``repr(value)`` for an error message, shortened to about :data:`MAX_SHOWN_CHARS` characters
+    without ever building the full text (a value can be huge: a long string, a deeply nested list)."""
+    text = _REPR.repr(value)
+    if len(text) > MAX_SHOWN_CHARS + 20:
+        text = text[:MAX_SHOWN_CHARS] + "…"
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +335,169 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# model config validation
+# --------------------------------------------------------------------------------------------
+
+MAX_IMAGE_SIZE = 2048
+"""Largest model input size in pixels (CLIPSeg uses 352; memory grows with its fourth power)."""
+MAX_CONTEXT = 63
+"""Most slices per window."""
+_MAX_WIDTH, _MAX_LAYERS, _MAX_HEADS = 8192, 64, 128
+
+
+def _finite(values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def model_config_problems(cfg: ModelConfig, *, width: int | None = None, saved: bool = False) -> list[str]:
+    """What is wrong with a model config, one ``model.KEY=VALUE: expected ...`` text per violation.
+
+    Checks values that type checking lets through but that give garbage or a crash later: windows
+    that are finite and ordered, positive normalisation std, organs unique (and, for a ``saved``
+    model, listed), sizes within reason, attention heads dividing their width (``width``: the
+    backbone's, when known), an odd context. Architecture checks that need the backbone itself
+    (patch size, extract layers) happen when the model is built.
+    """
+    out: list[str] = []
+
+    def need(ok: bool, key: str, value: Any, expected: str) -> None:
+        if not ok:
+            out.append(f"model.{key}={shorten(value)}: expected {expected}")
+
+    def size(key: str, value: int, low: int, high: int, what: str = "") -> None:
+        need(low <= value <= high, key, value, f"{what or 'an integer'} in {low}..{high}")
+
+    p = cfg.preprocess
+    lo, hi = p.ct_window
+    need(
+        _finite(p.ct_window) and lo < hi,
+        "preprocess.ct_window",
+        list(p.ct_window),
+        "two finite HU values [low, high] with low < high, e.g. [-125, 275]",
+    )
+    lo, hi = p.mr_percentiles
+    need(
+        _finite(p.mr_percentiles) and 0 <= lo < hi <= 100,
+        "preprocess.mr_percentiles",
+        list(p.mr_percentiles),
+        "two percentiles [low, high] with 0 <= low < high <= 100, e.g. [0.5, 99.5]",
+    )
+    size("preprocess.image_size", p.image_size, 16, MAX_IMAGE_SIZE, "an input size in pixels (CLIPSeg: 352)")
+    need(_finite(p.mean), "preprocess.mean", list(p.mean), "three finite numbers, e.g. the CLIP mean")
+    need(
+        _finite(p.std) and all(v > 0 for v in p.std),
+        "preprocess.std",
+        list(p.std),
+        f"three positive numbers, e.g. the CLIP std {list(CLIP_STD)}",
+    )
+    t = p.background_threshold
+    need(
+        _finite([t]) and 0 < t < 1, "preprocess.background_threshold", t, "a probability in (0, 1), e.g. 0.5"
+    )
+
+    need(
+        cfg.context >= 1 and cfg.context % 2 == 1 and cfg.context <= MAX_CONTEXT,
+        "context",
+        cfg.context,
+        f"an odd number of slices in 1..{MAX_CONTEXT} (1, 3, 5, ...)",
+    )
+    need(
+        _finite([cfg.context_step_mm]) and cfg.context_step_mm > 0,
+        "context_step_mm",
+        cfg.context_step_mm,
+        "a positive distance in mm",
+    )
+    if cfg.adapter != "none":
+        layers = cfg.adapt_layers
+        need(
+            bool(layers) and len(set(layers)) == len(layers) and min(layers, default=0) >= 0,
+            "adapt_layers",
+            layers,
+            "one or more distinct encoder layer indices >= 0",
+        )
+
+    names = [str(o).strip().lower().replace(" ", "_").replace("-", "_") for o in cfg.organs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    need(not dupes, "organs", cfg.organs, f"each organ once (repeated: {', '.join(dupes)})")
+    need(all(names), "organs", cfg.organs, "organ names (no empty entries)")
+    if saved:
+        need(
+            bool(cfg.organs),
+            "organs",
+            cfg.organs,
+            "the organs the model was trained for (a saved model lists them; an empty list would segment "
+            "all 13, including organs it never learned)",
+        )
+    for organ, prompt in cfg.prompts.items():
+        need(bool(str(prompt).strip()), f"prompts.{organ}", prompt, "a non-empty text prompt")
+
+    a = cfg.adapter_config
+    size("adapter_config.dim", a.dim, 1, _MAX_WIDTH)
+    size("adapter_config.layers", a.layers, 1, _MAX_LAYERS)
+    size("adapter_config.heads", a.heads, 1, _MAX_HEADS)
+    need(
+        a.heads < 1 or a.dim % a.heads == 0,
+        "adapter_config.heads",
+        a.heads,
+        f"a divisor of adapter_config.dim={a.dim} (e.g. {_divisor_near(a.dim, a.heads)})",
+    )
+    size("adapter_config.ffn_dim", a.ffn_dim, 1, 4 * _MAX_WIDTH)
+    size("adapter_config.spatial_heads", a.spatial_heads, 1, _MAX_HEADS)
+    if width is not None and a.spatial_heads >= 1:
+        need(
+            width % a.spatial_heads == 0,
+            "adapter_config.spatial_heads",
+            a.spatial_heads,
+            f"a divisor of the backbone width {width} (e.g. {_divisor_near(width, a.spatial_heads)})",
+        )
+    for key in (
+        "dropout",
+        "drop_path",
+        "spatial_dropout",
+        "spatial_drop_path",
+        "head_dropout",
+        "head_out_dropout",
+    ):
+        v = getattr(a, key)
+        need(_finite([v]) and 0 <= v < 1, f"adapter_config.{key}", v, "a probability in [0, 1)")
+    need(_finite([a.gate_bias_init]), "adapter_config.gate_bias_init", a.gate_bias_init, "a finite number")
+    need(
+        _finite([a.gate_reg]) and a.gate_reg >= 0,
+        "adapter_config.gate_reg",
+        a.gate_reg,
+        "a finite number >= 0",
+    )
+
+    b = cfg.backbone
+    if b.source == "random" and b.preset == "tiny":
+        for key in ("hidden_size", "text_hidden_size", "projection_dim", "reduce_dim"):
+            size(f"backbone.{key}", getattr(b, key), 1, _MAX_WIDTH)
+        size("backbone.intermediate_size", b.intermediate_size, 1, 4 * _MAX_WIDTH)
+        for key in ("num_hidden_layers", "text_num_hidden_layers"):
+            size(f"backbone.{key}", getattr(b, key), 1, _MAX_LAYERS)
+        size("backbone.num_attention_heads", b.num_attention_heads, 1, _MAX_HEADS)
+        size("backbone.patch_size", b.patch_size, 1, 64, "a patch size in pixels")
+        size("backbone.image_size", b.image_size, 0, MAX_IMAGE_SIZE, "a size in pixels (0 = the input size)")
+    return out
+
+
+def _divisor_near(n: int, k: int) -> int:
+    """The divisor of ``n`` closest to ``k`` (a suggestion for a head count)."""
+    if n < 1:
+        return 1
+    return min((d for d in range(1, min(n, 4 * max(k, 1)) + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
+
+
+def check_model_config(cfg: ModelConfig, *, width: int | None = None, saved: bool = False) -> None:
+    """Raise :class:`ConfigError` with the first of :func:`model_config_problems` (and how many
+    more there are); callers put the file's name in front."""
+    problems = model_config_problems(cfg, width=width, saved=saved)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ConfigError(problems[0] + more)
+
+
+# --------------------------------------------------------------------------------------------
 # dataclass <-> dict
 # --------------------------------------------------------------------------------------------
 
@@ -334,7 +517,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert (list -> tuple, int -> float)."""
     origin = get_origin(tp)
     bad = ConfigError(
-        f"config key {key!r}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}"
+        f"config key {shorten(key)}: got {shorten(value)} ({type(value).__name__}); expected {_type_name(tp)}"
     )
     if tp is Any:
         return value
@@ -348,7 +531,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value in get_args(tp) and type(value) is type(get_args(tp)[list(get_args(tp)).index(value)]):
             return value
         raise ConfigError(
-            f"config key {key!r}: got {value!r}; expected one of {', '.join(repr(a) for a in get_args(tp))}"
+            f"config key {shorten(key)}: got {shorten(value)}; expected one of {', '.join(repr(a) for a in get_args(tp))}"
         )
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -369,7 +552,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(
-                    f"config key {key!r}: got {len(value)} values {value!r}; expected {len(args)}"
+                    f"config key {shorten(key)}: got {len(value)} values {shorten(value)}; expected {len(args)}"
                 )
             return tuple(
                 _convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
@@ -401,7 +584,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise bad
-    raise ConfigError(f"config key {key!r}: unsupported annotation {tp!r}")
+    raise ConfigError(f"config key {shorten(key)}: unsupported annotation {tp!r}")
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -411,7 +594,7 @@ def _hints(cls: type) -> dict[str, Any]:
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}"
+            f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {shorten(data)}"
         )
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -421,7 +604,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"unknown config key {prefix + str(key)!r}; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
+                f"unknown config key {shorten(prefix + str(key))}; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
                 f"{', '.join(names)}.{hint}"
             )
         kwargs[key] = _convert(value, hints[key], prefix + key)
@@ -448,18 +631,131 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+# --------------------------------------------------------------------------------------------
+# bounded YAML
+# --------------------------------------------------------------------------------------------
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read (our configs are a few kB)."""
+MAX_CONFIG_DEPTH = 32
+"""Deepest nesting of lists / mappings in a config, aliases expanded."""
+MAX_CONFIG_NODES = 10_000
+"""Most values (scalars, lists, mappings) a config may hold once its aliases are expanded."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with limits: nesting depth while composing, and duplicate keys refused
+    (PyYAML silently keeps the last one). Aliases are checked by :func:`_check_expansion`."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise ConfigError(
+                    f"line {line}: nested more than {MAX_CONFIG_DEPTH} levels deep; expected a config of "
+                    "sections, values and short lists"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(
+                        f"line {line}: duplicate key {shorten(key)} (first on line {seen[key]}); "
+                        "expected each key once — delete one of them"
+                    )
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand beyond :data:`MAX_CONFIG_NODES` values or
+    :data:`MAX_CONFIG_DEPTH` levels (an "alias bomb": a few kB that expand to gigabytes), or refer
+    to themselves. Shared nodes are sized once, so this takes time linear in the file's size."""
+    seen: dict[int, tuple[int, int]] = {}  # node -> (values, levels) with aliases expanded
+    active: set[int] = set()
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        line = node.start_mark.line + 1
+        if key in active:
+            raise ConfigError(f"line {line}: an alias refers to the value that contains it; expected plain values")
+        if key not in seen:
+            active.add(key)
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            else:
+                children = []
+            total, levels = 1, 1
+            for child in children:
+                n, h = measure(child, depth + 1)
+                total, levels = total + n, max(levels, h + 1)
+                if total > MAX_CONFIG_NODES:
+                    raise ConfigError(
+                        f"line {line}: aliases (*name) expand to more than {MAX_CONFIG_NODES:,} values; expected a "
+                        "config of at most that size — write the values out instead of nesting aliases"
+                    )
+            active.discard(key)
+            seen[key] = (total, levels)
+        total, levels = seen[key]
+        if depth + levels - 1 > MAX_CONFIG_DEPTH:
+            raise ConfigError(
+                f"line {line}: aliases expand to more than {MAX_CONFIG_DEPTH} levels of nesting; write the values out"
+            )
+        return total, levels
+
+    measure(root, 1)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML (one document, safe types only) within the limits above: at most
+    :data:`MAX_CONFIG_BYTES`, :data:`MAX_CONFIG_DEPTH` levels and :data:`MAX_CONFIG_NODES` values
+    with aliases expanded; duplicate keys are errors. Raises :class:`ConfigError` (with the line)."""
+    n_bytes = len(text.encode("utf-8", "surrogatepass"))
+    if n_bytes > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{n_bytes:,} bytes; expected a config of at most {MAX_CONFIG_BYTES:,} bytes (is this the right file?)"
+        )
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not a valid YAML file ({' '.join(str(exc).split())[:300]})") from None
+    finally:
+        loader.dispose()
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"train.lr_adapter=1e-4"`` -> (["train", "lr_adapter"], 1e-4); the value is parsed as YAML."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=10")
+        raise ConfigError(f"override {shorten(item)}: expected key=value, e.g. train.epochs=10")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {item!r}: empty key")
+        raise ConfigError(f"override {shorten(item)}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        value = load_yaml(raw) if raw.strip() else ""
+    except ConfigError as exc:
+        raise ConfigError(f"override {shorten(item)}: value: {exc}") from None
     return key.split("."), value
 
 
@@ -474,7 +770,7 @@ def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
                 where = ".".join(path[: i + 1])
                 valid = [k for k, v in node.items() if isinstance(v, dict)] if isinstance(node, dict) else []
                 raise ConfigError(
-                    f"override {item!r}: {where!r} is not a config section; sections: {', '.join(valid)}"
+                    f"override {shorten(item)}: {where!r} is not a config section; sections: {', '.join(valid)}"
                 )
             node = node[part]
         node[path[-1]] = value
@@ -488,10 +784,18 @@ def load_config(
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    with open(p, "rb") as fh:
+        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{p}: larger than {MAX_CONFIG_BYTES:,} bytes; expected a YAML config of a few kB (is this the right file?)"
+        )
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not a valid YAML file ({str(exc).splitlines()[0]})") from None
+        data = load_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a valid YAML file ({exc}); expected UTF-8 text") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     try:
         cfg = from_dict(cls, data if data is not None else {})
         return apply_overrides(cfg, overrides)

@@ -212,3 +212,13 @@ def test_init_from_takes_backbone_decoder_and_conditioning_and_starts_fresh_adap
         cfg = tiny_config(init_from=str(tmp_path / "stage1"))
         cfg.preprocess.image_size = 32
         TGatedModel.from_config(cfg)
+
+
+def test_saved_config_lists_the_organs_and_an_emptied_list_is_refused(make_model, tmp_path) -> None:
+    out = make_model().save_pretrained(tmp_path / "model")  # built with organs: [] = all 13
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["model"]["organs"][:3] == ["liver", "right_kidney", "spleen"] and len(meta["model"]["organs"]) == 13
+    meta["model"]["organs"] = []
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"config\.json: model\.organs=\[\]: expected the organs the model was trained"):
+        TGatedModel.from_pretrained(out)

@@ -28,7 +28,6 @@ from tgated.data.datasets import discover, read_splits
 from tgated.data.layouts import LAYOUTS
 from tgated.inference import predictor as P
 from tgated.inference.predictor import Predictor, estimate_memory_gb, resolve_modality
-from tgated.io.files import is_temporary
 from tgated.io.volumes import read_volume, volume_from_array, volume_from_nifti, write_nifti
 from tgated.models.tgated import TGatedModel
 
@@ -122,10 +121,11 @@ def test_bad_image_in_a_folder(tmp_path, model_dir, capsys, kind, fragment, earl
     assert main(_predict(model_dir, inp, out)) == 1
     err = _one_line(capsys)
     assert err.startswith("tgated predict: error: ") and "a_bad.nii.gz" in err and fragment in err, err
-    if early:  # header-level problems stop the run before anything is written
-        assert not out.exists()
-    else:
-        assert not list(out.glob("*.nii.gz")) and not [p for p in out.iterdir() if is_temporary(p)]
+    # header-level problems stop the run before any work; data-level ones (found while reading the
+    # first case) before the output folder exists, which is created with the first finished case
+    assert not out.exists()
+    if early:
+        assert "segmenting" not in err
 
 
 def test_single_volume_4d_image_is_squeezed_with_a_warning(tmp_path, model_dir):
@@ -273,11 +273,37 @@ def test_too_large_for_memory_fails_early(model):
     assert msg.startswith(
         f"big.nii.gz: segmenting (512, 512, 2000) voxels × 13 organs needs about {est.host_gb:.1f} GB"
     )
-    assert (
-        "only 8.0 GB is available; use a smaller --batch-size, no --save-probabilities, or crop the volume"
-        in msg
+    assert msg.endswith(
+        "only 8.0 GB is available; the volume's arrays and probabilities alone need about 48.8 GB: crop or "
+        "downsample the volume, leave out --save-probabilities (or use a machine with more memory)"
     )
     pred.check_memory((512, 512, 2000), 13, True, available_gb=est.host_gb + 1)  # fits: no error
+
+
+def test_memory_advice_is_the_fix_that_fits(model):
+    """The advice names the largest batch size that fits, else dropping the probabilities; when one
+    slice alone is too much, the model's input size (an absurd image_size is not a volume to crop)."""
+    pred = Predictor(model, batch_size=16)
+    shape = (512, 512, 300)
+
+    def host(batch, keep=False):
+        return pred.memory_estimate(shape, 13, keep, batch_size=batch).host_gb
+
+    between = (host(4) + host(5)) / 2  # room for 4 slices per pass, not 5
+    with pytest.raises(ValueError, match=r"GB is available; use --batch-size 4 \(or less\)$"):
+        pred.check_memory(shape, 13, available_gb=between)
+    room = (host(16) + host(1, keep=True)) / 2  # all 16 slices without probabilities, not 1 with them
+    assert host(16) < room < host(1, keep=True)
+    with pytest.raises(ValueError, match=r"available; leave out --save-probabilities$"):
+        pred.check_memory(shape, 13, True, available_gb=room)
+    big = Predictor(model, batch_size=16)
+    big.model.config.preprocess.image_size = 2048  # the estimate reads the size from the config
+    try:
+        one = big.memory_estimate(shape, 13, batch_size=1)
+        with pytest.raises(ValueError, match=r"even one slice at a time needs about .* input size 2048 × 2048"):
+            big.check_memory(shape, 13, available_gb=one.work_gb / 2)
+    finally:
+        big.model.config.preprocess.image_size = 64
 
 
 def test_predict_fails_before_writing_when_memory_is_short(tmp_path, model_dir, capsys, monkeypatch):
@@ -286,7 +312,7 @@ def test_predict_fails_before_writing_when_memory_is_short(tmp_path, model_dir, 
     assert main(_predict(model_dir, tmp_path / "in", tmp_path / "out", "--save-probabilities")) == 1
     err = _one_line(capsys)
     assert "a.nii.gz: segmenting (12, 10, 5) voxels × 13 organs needs about" in err
-    assert "only 0.0 GB is available; use a smaller --batch-size, no --save-probabilities" in err
+    assert "only 0.0 GB is available; even one slice at a time needs about" in err
     assert not (tmp_path / "out").exists()
 
 

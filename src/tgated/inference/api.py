@@ -35,6 +35,7 @@ updated under a file lock.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -64,6 +65,7 @@ from tgated.io.files import (
     atomic_path,
     atomic_write_json,
     check_inputs_spared,
+    is_temporary,
     remove_stale_temporaries,
     safe_join,
     sha256_file,
@@ -82,6 +84,7 @@ from tgated.organs import LABELS_JSON, ORGAN_BY_ID, ORGAN_BY_NAME, labels_json, 
 from tgated.progress import progress
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class InputCase:
@@ -134,6 +137,17 @@ def find_inputs(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[I
     files = sorted(
         f for f in p.iterdir() if f.is_file() and has_image_suffix(f) and not f.name.startswith(".")
     )
+    hidden = sorted(
+        f.name for f in p.iterdir() if f.name.startswith(".") and has_image_suffix(f) and not is_temporary(f)
+    )
+    if hidden:
+        logger.warning(
+            "%s: skipped %d hidden file(s) (%s%s); rename them without the leading dot to segment them",
+            p,
+            len(hidden),
+            ", ".join(hidden[:5]),
+            ", …" if len(hidden) > 5 else "",
+        )
     subdirs = sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not files and _is_dicom_dir(p):
         return [InputCase(p.name, p)]
@@ -408,84 +422,107 @@ def predict(
         minfo["run"] = str(model_run)
         minfo["train_cases"] = run_splits(model_run)["train"]
     layout = {c.case_id: case_files(targets[c.case_id][0].name, chosen, options) for c in mine}
-    folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(
         folder,
         [p.name for pair in targets.values() for p in pair]
         + [n for f in layout.values() for n in f.targets()],
     )
-    _write_labels_json(folder, chosen)
-    written: list[Path] = []
-    for case in progress(mine, desc="predict", unit="case", quiet=quiet or len(mine) < 2):
-        probs_path = targets[case.case_id][1]
-        files = layout[case.case_id]
-        uid = _series_for(case, series, dicom)
-        request = {
-            "sha256": sha256_path(case.path),
-            "model_hash": mhash,
-            "organs": [o.name for o in chosen],
-            "series": uid,
-            "modality": modality,
-            "probabilities": probs_path.name if save_probabilities else None,
-        }
-        entry = None if overwrite else _finished(folder, case.case_id, request)
-        recorded = _recorded_files(entry) if entry else {}
-        kept = {n: recorded[n] for n in recorded if verified(folder, recorded, [n])}
-        done = [n for n in files.names() if n in kept]
-        first = folder / (files.names()[0])
-        if entry is not None and len(done) == len(files.names()):
-            logger.info("%s: already predicted by this model; skipped (--overwrite redoes it)", case.case_id)
+    created = not folder.exists()
+    try:
+        written: list[Path] = []
+        labels_written = False
+        for case in progress(mine, desc="predict", unit="case", quiet=quiet or len(mine) < 2):
+            probs_path = targets[case.case_id][1]
+            files = layout[case.case_id]
+            uid = _series_for(case, series, dicom)
+            request = {
+                "sha256": sha256_path(case.path),
+                "model_hash": mhash,
+                "organs": [o.name for o in chosen],
+                "series": uid,
+                "modality": modality,
+                "probabilities": probs_path.name if save_probabilities else None,
+            }
+            entry = None if overwrite else _finished(folder, case.case_id, request)
+            recorded = _recorded_files(entry) if entry else {}
+            kept = {n: recorded[n] for n in recorded if verified(folder, recorded, [n])}
+            done = [n for n in files.names() if n in kept]
+            first = folder / (files.names()[0])
+            if entry is not None and len(done) == len(files.names()):
+                logger.info(
+                    "%s: already predicted by this model; skipped (--overwrite redoes it)", case.case_id
+                )
+                written.append(first)
+                continue
+            volume = read_volume(case.path, series_uid=uid)
+            probs_file = probs_path if save_probabilities else None
+            label_file = targets[case.case_id][0].name
+            labels = None
+            if entry is not None:
+                labels = read_finished_labels(folder, label_file, chosen, kept, volume)
+            if labels is not None:
+                # the label map of this request is finished: derive the missing files from it
+                case_modality = entry.get("modality")
+                missing = [n for n in files.names() if n not in done]
+                logger.info("%s: already segmented; writing %s", case.case_id, ", ".join(missing))
+            else:
+                pred = predictor.predict_volume(
+                    volume, chosen, modality, keep_probabilities=save_probabilities
+                )
+                labels, case_modality, kept, done = pred.labels, pred.modality, {}, []
+                previous = case_entries(folder).get(case.case_id)
+                if previous is not None:  # files of the label map being replaced, not written again
+                    remove_stale_outputs(folder, _recorded_files(previous), files.names())
+                if probs_file is not None:
+                    write_probabilities(probs_file, pred, volume)
+            new = write_case_outputs(
+                folder, files, volume, labels, chosen, case_id=case.case_id, modality=case_modality, done=done
+            )
+            all_files = {**kept, **new}
+            label_name = label_file if label_file in all_files else None
+            if not labels_written:  # nothing is created in the output folder before the first result
+                _write_labels_json(folder, chosen)
+                labels_written = True
+            record_case(
+                folder,
+                minfo,
+                case.case_id,
+                {
+                    **request,
+                    "input": str(case.path.resolve()),
+                    "modality": case_modality,
+                    "modality_requested": modality,
+                    "output": label_name,
+                    "output_sha256": all_files.get(label_name) if label_name else None,
+                    "output_type": output_type,
+                    "files": all_files,
+                    "probabilities": probs_file.name if probs_file else None,
+                    "shape": list(volume.original_shape),
+                    "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
+            if files.statistics or (folder / STATISTICS_CSV).is_file():
+                _update_statistics_csv(folder)
+            logger.info("%s -> %s (%s)", case.path, first, str(case_modality).upper())
             written.append(first)
-            continue
-        volume = read_volume(case.path, series_uid=uid)
-        probs_file = probs_path if save_probabilities else None
-        label_file = targets[case.case_id][0].name
-        labels = None
-        if entry is not None:
-            labels = read_finished_labels(folder, label_file, chosen, kept, volume)
-        if labels is not None:
-            # the label map of this request is finished: derive the missing files from it
-            case_modality = entry.get("modality")
-            missing = [n for n in files.names() if n not in done]
-            logger.info("%s: already segmented; writing %s", case.case_id, ", ".join(missing))
-        else:
-            pred = predictor.predict_volume(volume, chosen, modality, keep_probabilities=save_probabilities)
-            labels, case_modality, kept, done = pred.labels, pred.modality, {}, []
-            previous = case_entries(folder).get(case.case_id)
-            if previous is not None:  # files of the label map being replaced, not written again
-                remove_stale_outputs(folder, _recorded_files(previous), files.names())
-            if probs_file is not None:
-                write_probabilities(probs_file, pred, volume)
-        new = write_case_outputs(
-            folder, files, volume, labels, chosen, case_id=case.case_id, modality=case_modality, done=done
-        )
-        all_files = {**kept, **new}
-        label_name = label_file if label_file in all_files else None
-        record_case(
-            folder,
-            minfo,
-            case.case_id,
-            {
-                **request,
-                "input": str(case.path.resolve()),
-                "modality": case_modality,
-                "modality_requested": modality,
-                "output": label_name,
-                "output_sha256": all_files.get(label_name) if label_name else None,
-                "output_type": output_type,
-                "files": all_files,
-                "probabilities": probs_file.name if probs_file else None,
-                "shape": list(volume.original_shape),
-                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            },
-        )
-        if files.statistics or (folder / STATISTICS_CSV).is_file():
+        if statistics:
             _update_statistics_csv(folder)
-        logger.info("%s -> %s (%s)", case.path, first, str(case_modality).upper())
-        written.append(first)
-    if statistics:
-        _update_statistics_csv(folder)
-    return written
+        return written
+    except BaseException:
+        if created and world == 1:  # a new output folder that holds no finished case is removed
+            _remove_unfinished(folder)
+        raise
+
+
+def _remove_unfinished(folder: Path) -> None:
+    """Remove ``folder`` when it holds only what a run writes before its first finished case."""
+    if not folder.is_dir() or (folder / PROVENANCE_JSON).exists():
+        return
+    for name in (LABELS_JSON, LOCK_NAME, *COLOUR_TABLES):
+        with contextlib.suppress(OSError):
+            (folder / name).unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty
 
 
 def segment(

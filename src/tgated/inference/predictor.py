@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,9 +294,14 @@ class Predictor:
         return max(1, min(self.batch_size, NATIVE_BLOCK_VALUES // max(1, n_organs * h * w)))
 
     def memory_estimate(
-        self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool = False
+        self,
+        volume_shape: tuple[int, ...],
+        n_organs: int,
+        keep_probabilities: bool = False,
+        batch_size: int | None = None,
     ) -> MemoryEstimate:
-        """Peak memory of :meth:`predict_volume` for a volume of ``volume_shape`` (x, y, z) voxels."""
+        """Peak memory of :meth:`predict_volume` for a volume of ``volume_shape`` (x, y, z) voxels
+        (with ``batch_size`` slices per forward pass; default: this predictor's)."""
         m = self.model
         vis = m.backbone.config.vision_config
         s = int(m.config.preprocess.image_size)
@@ -309,7 +315,7 @@ class Predictor:
         images = min(z, self.chunk_slices) + 2 * (k // 2)
         if m.config.context_mode == "physical" and k > 1:
             images *= 2  # interpolated neighbours: up to two source slices each
-        b = min(self.batch_size, images)
+        b = min(self.batch_size if batch_size is None else int(batch_size), images)
         reduce = int(m.backbone.config.reduce_dim)
         adapter = int(m.config.adapter_config.dim) if len(m.adapters) else 0
         slice_px = s * s
@@ -354,24 +360,68 @@ class Predictor:
         means no check). On CUDA, the model-grid work is compared with the device's free memory.
         """
         est = self.memory_estimate(volume_shape, n_organs, keep_probabilities)
-        fixes = "a smaller --batch-size" + (", no --save-probabilities" if keep_probabilities else "")
-        fixes += ", or crop the volume"
         host = available_memory_gb() if available_gb is None else available_gb
         need = est.host_gb - loaded_gb
         if host is not None and need > host:
+            fix = self._memory_fix(
+                volume_shape, n_organs, keep_probabilities, host, lambda e: e.host_gb - loaded_gb
+            )
             raise ValueError(
                 f"{source}: segmenting {tuple(int(v) for v in volume_shape)} voxels × {n_organs} organs needs about "
                 f"{need:.1f} GB of memory ({est.volume_gb:.1f} GB for the volume and its outputs, "
                 f"{est.work_gb:.1f} GB for batches of {self.batch_size} slices on {est.device}), but only "
-                f"{host:.1f} GB is available; use {fixes}"
+                f"{host:.1f} GB is available; {fix}"
             )
         free = _device_free_gb(self.device)
         if free is not None and est.work_gb > free:
+            fix = self._memory_fix(volume_shape, n_organs, keep_probabilities, free, lambda e: e.work_gb)
             raise ValueError(
                 f"{source}: batches of {self.batch_size} slices × {n_organs} organs need about "
-                f"{est.work_gb:.1f} GB on {self.device}, but only {free:.1f} GB is free; use a smaller --batch-size"
+                f"{est.work_gb:.1f} GB on {self.device}, but only {free:.1f} GB is free; {fix}"
             )
         return est
+
+    def _memory_fix(
+        self,
+        volume_shape: tuple[int, ...],
+        n_organs: int,
+        keep_probabilities: bool,
+        available: float,
+        need: Callable[[MemoryEstimate], float],
+    ) -> str:
+        """The advice that makes a case fit in ``available`` GB: the largest batch size that fits,
+        dropping the probabilities, cropping the volume, or (when one slice alone is too much) a model
+        with a smaller input size."""
+
+        def largest_batch(keep: bool) -> int | None:
+            for b in range(self.batch_size, 0, -1):
+                if need(self.memory_estimate(volume_shape, n_organs, keep, batch_size=b)) <= available:
+                    return b
+            return None
+
+        b = largest_batch(keep_probabilities)
+        if b is not None:
+            return f"use --batch-size {b} (or less)"
+        if keep_probabilities and (b := largest_batch(False)) is not None:
+            return "leave out --save-probabilities" + (
+                f" and use --batch-size {b}" if b < self.batch_size else ""
+            )
+        one = self.memory_estimate(volume_shape, n_organs, False, batch_size=1)
+        s = int(self.model.config.preprocess.image_size)
+        if one.work_gb > available:
+            where = "--device cpu or " if self.device.type == "cuda" else ""
+            return (
+                f"even one slice at a time needs about {one.work_gb:.1f} GB at the model's input size {s} × {s} "
+                f"(model.preprocess.image_size): use {where}a model with a smaller input size, or a machine with "
+                "more memory"
+            )
+        arrays = self.memory_estimate(volume_shape, n_organs, keep_probabilities, batch_size=1).volume_gb
+        return (
+            f"the volume's arrays{' and probabilities' if keep_probabilities else ''} alone need about "
+            f"{arrays:.1f} GB: crop or downsample the volume"
+            + (", leave out --save-probabilities" if keep_probabilities else "")
+            + " (or use a machine with more memory)"
+        )
 
     def _autocast(self):
         if self.device.type == "cuda":

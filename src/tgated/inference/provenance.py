@@ -18,8 +18,11 @@ reads as empty (logged), because provenance never changes a score. This module i
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,14 +38,32 @@ LOCK_NAME = ".provenance.lock"
 
 @contextlib.contextmanager
 def locked(folder: Path) -> Iterator[None]:
-    """Hold the prediction folder's lock (for ``provenance.json`` and ``labels.json`` updates)."""
+    """Hold the prediction folder's lock (for ``provenance.json`` and ``labels.json`` updates).
+
+    The lock file is opened without following a symbolic link, so a link planted in its place
+    cannot make this create or lock a file outside the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_NAME, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(
+                f"{path}: is a symbolic link; expected the lock file tgated creates there — delete the link"
+            ) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(
+                f"{path}: is not a regular file; expected the lock file tgated creates — delete it"
+            )
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def read_provenance(folder: str | Path) -> dict[str, Any]:
@@ -53,7 +74,9 @@ def read_provenance(folder: str | Path) -> dict[str, Any]:
     try:
         data = read_json(p)
     except (OSError, ValueError) as exc:
-        logger.warning("%s is unreadable (%s); ignored: the cases it recorded will be predicted again", p, exc)
+        logger.warning(
+            "%s is unreadable (%s); ignored: the cases it recorded will be predicted again", p, exc
+        )
         return {}
     return data if isinstance(data, dict) else {}
 

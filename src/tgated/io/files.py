@@ -14,6 +14,7 @@ Output names built from data (case ids, split entries, file names found in a dat
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -28,6 +29,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 TMP_MARK = ".tmp-"
+MAX_NAME_BYTES = 255 - len(f".{TMP_MARK}") - 8 - len(".safetensors")
+"""Longest output name: its temporary ``.NAME.tmp-XXXXXXXX.suffix`` must fit in 255 bytes."""
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @contextlib.contextmanager
@@ -38,7 +42,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}", suffix=suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}", suffix=suffix)
+    except OSError as exc:
+        raise _write_error(exc, target) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -46,10 +53,29 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise _write_error(exc, target) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def _write_error(exc: OSError, target: Path) -> OSError:
+    """``exc`` with the file being written in its message (a full disk or quota, a read-only or
+    forbidden folder, a name too long); other errors unchanged."""
+    if exc.errno not in DISK_ERRORS | {errno.ENAMETOOLONG}:
+        return exc
+    fix = {
+        errno.ENOSPC: "free disk space or choose another output folder",
+        errno.EDQUOT: "free space within your quota or choose another output folder",
+        errno.EFBIG: "the file exceeds the size limit of this file system or process",
+        errno.ENAMETOOLONG: "shorten the file name",
+    }.get(exc.errno, "check the folder's permissions or choose another output folder")
+    error = OSError(f"{target}: cannot be written ({exc.strerror}); {fix}")
+    error.errno = exc.errno
+    return error
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -121,6 +147,11 @@ def safe_name(name: str, *, what: str = "name", source: str | os.PathLike | None
         problem = "starts with a dot (hidden files are reserved for temporaries)"
     elif any(ord(c) < 32 or ord(c) == 127 for c in text):
         problem = "contains control characters"
+    elif len(text.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        problem = (
+            f"is {len(text.encode('utf-8', 'surrogateescape'))} bytes long, more than the {MAX_NAME_BYTES} that "
+            "leave room for its temporary file's name within the file system's 255"
+        )
     if problem:
         raise ValueError(
             f"{where}{what} {text!r} {problem}; expected a plain file name such as 'case_001' "
@@ -215,6 +246,8 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{p}: file does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{p}: JSON nested too deeply to read; expected a tgated JSON file") from None
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -11,13 +11,15 @@ Every error names the file, the value found and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import math
 import os
+import tempfile
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,12 +146,19 @@ def reorient(
     """
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(axcodes)))
     out = np.ascontiguousarray(apply_orientation(data, transform))
+    if any(st < 0 for st in out.strides):  # a flipped axis of length 1 counts as contiguous
+        out = out.copy()
     return out, np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(transform, data.shape)
 
 
 def _check_shape(shape: tuple[int, ...], source: str, kind: str) -> tuple[int, ...]:
     """The 3-D shape a file's array shape stands for (trailing singleton axes dropped), or an error."""
     shape = tuple(int(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise ValueError(
+            f"{source}: the header gives {kind} size {shape} with a negative axis length; expected positive "
+            "sizes — the header is corrupt, convert or download the file again"
+        )
     if 0 in shape:
         raise ValueError(f"{source}: {kind} has a zero-length axis {shape}; expected a non-empty 3-D volume")
     if len(shape) > 3 and all(n == 1 for n in shape[3:]):
@@ -220,18 +229,90 @@ def _load_nifti(path: Path):
         zlib.error,
         gzip.BadGzipFile,
         ValueError,
+        OverflowError,
+        MemoryError,
     ) as exc:
         raise ValueError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
 
 
+@contextlib.contextmanager
+def third_party_warnings(source: str | os.PathLike) -> Iterator[None]:
+    """Re-emit the warnings that libraries (nibabel, SimpleITK / GDCM) give while reading ``source``
+    as log warnings that name it; ITK writes its warnings to the process's standard error, which
+    is collected for the duration."""
+    with contextlib.ExitStack() as stack:
+        caught = stack.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("always")
+        native = stack.enter_context(_native_stderr())
+        yield
+    seen: set[str] = set()
+    for text in [str(w.message) for w in caught] + native:
+        text = " ".join(text.split())
+        if text and text not in seen:
+            seen.add(text)
+            logger.warning("%s: %s", source, text[:500])
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[list[str]]:
+    """Collect what native code writes to file descriptor 2 (ITK's output window) while active."""
+    lines: list[str] = []
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield lines
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read(1 << 16).decode("utf-8", "replace")
+            # ITK's warnings span several lines: "WARNING: In <file>, line N" then the message
+            lines += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("WARNING: In ")]
+
+
+def form_disagreement(img: nib.spatialimages.SpatialImage, source: str | os.PathLike) -> str | None:
+    """A warning when a NIfTI header's qform and sform both apply but describe different grids
+    (e.g. a left-right flip): nibabel and ITK use the sform, other tools may use the qform."""
+    hdr = img.header
+    if not isinstance(hdr, nib.Nifti1Header):
+        return None
+    qform, qcode = hdr.get_qform(coded=True)
+    sform, scode = hdr.get_sform(coded=True)
+    if not qcode or not scode or qform is None or sform is None:
+        return None
+    shape = tuple(int(n) for n in img.shape[:3])
+    mm = grid_difference(shape, qform, shape, sform)[0]
+    if mm <= GRID_EXACT_MM:
+        return None
+    q_codes, s_codes = "".join(nib.aff2axcodes(qform)), "".join(nib.aff2axcodes(sform))
+    if q_codes != s_codes:
+        what = f"orientation {q_codes} vs {s_codes}"
+    else:
+        what = f"voxel positions up to {mm:.3g} mm apart"
+    return (
+        f"{source}: the header's qform and sform disagree ({what}); using the sform (sform_code {int(scode)}), "
+        "as nibabel and ITK do — check which is right; outputs keep both forms as they are"
+    )
+
+
 def _read_nifti(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
+    with third_party_warnings(path):
+        return _read_nifti_quietly(path, label)
+
+
+def _read_nifti_quietly(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
     img = _load_nifti(path)
     kind = "label map" if label else "image"
-    if 0 in img.shape:
-        raise ValueError(
-            f"{path}: {kind} has a zero-length axis {img.shape}; expected a non-empty 3-D volume"
-        )
+    _check_shape(img.shape, str(path), kind)
     _check_dtype(img.get_data_dtype(), str(path), kind)
+    form_warning = form_disagreement(img, path)
+    if form_warning:
+        logger.warning(form_warning)
     try:
         if label:
             data = np.asanyarray(img.dataobj)
@@ -359,8 +440,7 @@ def _read_dicom(
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with third_party_warnings(folder):
             image = reader.Execute()
     except RuntimeError as exc:
         raise ValueError(
@@ -386,7 +466,8 @@ def _read_itk(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
     try:
-        image = sitk.ReadImage(str(path))
+        with third_party_warnings(path):
+            image = sitk.ReadImage(str(path))
         data, affine = _sitk_to_array_affine(image)
     except RuntimeError as exc:
         raise ValueError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1]})") from None
@@ -446,7 +527,8 @@ def probe_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> t
         reader = sitk.ImageFileReader()
         reader.SetFileName(files[0])
         try:
-            reader.ReadImageInformation()
+            with _native_stderr():  # reported once, when the image is read
+                reader.ReadImageInformation()
         except RuntimeError as exc:
             raise ValueError(
                 f"{files[0]}: not a readable DICOM file ({str(exc).strip().splitlines()[-1]})"
@@ -454,17 +536,22 @@ def probe_volume(path: str | os.PathLike, *, series_uid: str | None = None) -> t
         size = reader.GetSize()
         return _check_shape((size[0], size[1], len(files)), str(p), "image")  # type: ignore[return-value]
     if p.name.lower().endswith(NIFTI_SUFFIXES):
-        img = _load_nifti(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported once, when the file is read
+            img = _load_nifti(p)
         shape, dtype = img.shape, img.get_data_dtype()
         _check_dtype(dtype, str(p), "image")
-        return _check_shape(shape, str(p), "image")  # type: ignore[return-value]
+        shape = _check_shape(shape, str(p), "image")
+        _check_affine(np.asarray(img.affine, dtype=np.float64), str(p))
+        return shape  # type: ignore[return-value]
     if p.name.lower().endswith(ITK_SUFFIXES):
         import SimpleITK as sitk
 
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(p))
         try:
-            reader.ReadImageInformation()
+            with _native_stderr():  # reported once, when the image is read
+                reader.ReadImageInformation()
         except RuntimeError as exc:
             raise ValueError(f"{p}: not a readable image ({str(exc).strip().splitlines()[-1]})") from None
         return _check_shape(tuple(reader.GetSize()), str(p), "image")  # type: ignore[return-value]
@@ -604,6 +691,13 @@ def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, h
     )
     img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
     img.set_sform(affine, code=int(img.header["sform_code"]) or 1)
+    if isinstance(header, nib.Nifti1Header):
+        # the header of the input this file is "like": where its sform is this grid, its qform is kept
+        # as it was, even when it disagrees (form_disagreement warned about it on reading)
+        qform, qcode = header.get_qform(coded=True)
+        sform, scode = header.get_sform(coded=True)
+        if qcode and scode and qform is not None and np.allclose(sform, affine, atol=1e-6, rtol=0):
+            img.set_qform(qform, code=int(qcode))
     suffix = ".nii.gz" if p.name.lower().endswith(".nii.gz") else ".nii"
     with atomic_path(p, suffix=suffix) as tmp:
         nib.save(img, str(tmp))

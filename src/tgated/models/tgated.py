@@ -34,7 +34,6 @@ are CLIP-normalised here; three-channel images are taken as CLIP-normalised pixe
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -46,7 +45,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from tgated.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
+from tgated.config import (
+    ConfigError,
+    ModelConfig,
+    check_model_config,
+    from_dict,
+    load_config,
+    model_config_problems,
+    shorten,
+    to_dict,
+)
 from tgated.data.slices import (
     check_context,
     clip_normalise,
@@ -54,7 +62,7 @@ from tgated.data.slices import (
     gather_windows,
     physical_context,
 )
-from tgated.io.files import atomic_path, atomic_write_json, replace_dir, safe_join, sha256_file
+from tgated.io.files import atomic_path, atomic_write_json, read_json, replace_dir, safe_join, sha256_file
 from tgated.models.adapter import COMPONENTS, TGatedAdapter
 from tgated.models.backbone import build_clipseg, check_no_custom_code, load_backbone, seeded, skip_init
 from tgated.models.decoder import decode_organs
@@ -201,6 +209,7 @@ class TGatedModel(nn.Module):
         self.channels = int(vis.hidden_size)
         self.image_size = int(cfg.preprocess.image_size)
         self._check_geometry(clip_cfg)
+        check_model_config(cfg, width=self.channels)
         extract = [int(i) for i in clip_cfg.extract_layers]
 
         if cfg.adapter == "none":
@@ -257,6 +266,7 @@ class TGatedModel(nn.Module):
             p = int(clip_cfg.projection_dim)
             self.organ_embedding = nn.Parameter(torch.zeros(NUM_ORGANS, p))
         self.organs: tuple[Organ, ...] = parse_organs(cfg.organs or None)
+        cfg.organs = [o.name for o in self.organs]  # resolved: a saved model lists what it segments
         self.prompts: dict[str, str] = {}
         for key, prompt in cfg.prompts.items():
             self.prompts[get_organ(key).name] = str(prompt)
@@ -864,10 +874,7 @@ class TGatedModel(nn.Module):
                 f"{cfg_path} does not exist: {str(root)!r} is not a saved T-Gated model "
                 "(expected config.json + model.safetensors written by save_pretrained)"
             )
-        try:
-            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+        meta = read_json(cfg_path)
         model_type = meta.get("model_type") if isinstance(meta, dict) else None
         if model_type == "clipseg":
             raise ValueError(
@@ -878,7 +885,10 @@ class TGatedModel(nn.Module):
             raise ValueError(
                 f"{cfg_path}: model_type is {model_type!r}; expected 'tgated' (a model saved by tgated)"
             )
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        version = meta.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"{cfg_path}: format_version={shorten(version)}; expected an integer")
+        if version > FORMAT_VERSION:
             raise ValueError(
                 f"{cfg_path}: format_version {meta.get('format_version')} is newer than this tgated "
                 f"understands ({FORMAT_VERSION}); upgrade tgated"
@@ -890,10 +900,23 @@ class TGatedModel(nn.Module):
                 )
         if isinstance(meta["model"], dict) and "conditioning" not in meta["model"]:
             meta["model"]["conditioning"] = "text"  # saved before the key existed: text conditioning
+        _check_meta(meta, cfg_path)
         try:
             model_cfg = from_dict(ModelConfig, meta["model"])
         except ConfigError as exc:
             raise ValueError(f"{cfg_path}: {exc}") from None
+        try:
+            clip_cfg = CLIPSegConfig.from_dict(meta["clipseg"])
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(
+                f"{cfg_path}: clipseg is not a CLIPSeg configuration ({shorten(str(exc))})"
+            ) from None
+        problems = _clipseg_problems(clip_cfg) + model_config_problems(
+            model_cfg, width=int(clip_cfg.vision_config.hidden_size), saved=True
+        )
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise ValueError(f"{cfg_path}: {problems[0]}{more}; fix the file or re-save the model")
         # File names inside config.json are data: each must be a plain name inside the model folder.
         weights = safe_join(
             root, str(meta.get("weights", WEIGHTS_NAME)), what="weights file", source=cfg_path
@@ -912,7 +935,6 @@ class TGatedModel(nn.Module):
             state = load_file(str(weights), device="cpu")
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{weights}: not a readable safetensors file ({exc})") from None
-        clip_cfg = CLIPSegConfig.from_dict(meta["clipseg"])
         tokenizer = None
         if meta.get("tokenizer"):
             tok_dir = safe_join(root, str(meta["tokenizer"]), what="tokenizer folder", source=cfg_path)
@@ -922,8 +944,16 @@ class TGatedModel(nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(
                 str(tok_dir), local_files_only=True, trust_remote_code=False
             )
-        with skip_init():
-            model = cls(model_cfg, build_clipseg(clip_cfg, init=False), tokenizer, note=f"loaded from {root}")
+        try:
+            with skip_init():
+                model = cls(
+                    model_cfg, build_clipseg(clip_cfg, init=False), tokenizer, note=f"loaded from {root}"
+                )
+        except (ValueError, TypeError, KeyError, AssertionError) as exc:
+            # the architecture comes from the file: a message naming it, never a traceback
+            raise ValueError(
+                f"{cfg_path}: the model it describes cannot be built ({shorten(str(exc))})"
+            ) from None
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:
@@ -948,6 +978,45 @@ def _check_init_source(config: ModelConfig, source: TGatedModel) -> None:
             f"model.init_from={config.init_from!r} was trained with other preprocessing ({listed}); "
             "use the same model.preprocess as the model it starts from"
         )
+
+
+def _check_meta(meta: dict[str, Any], cfg_path: Path) -> None:
+    """Types of the top-level fields of a saved model's ``config.json`` (values are data)."""
+    sha = meta.get("weights_sha256")
+    tok = meta.get("tokenizer")
+    for key, ok, expected in (
+        ("model", isinstance(meta.get("model"), dict), "a mapping (the model config)"),
+        ("clipseg", isinstance(meta.get("clipseg"), dict), "a mapping (the CLIPSeg architecture)"),
+        (
+            "weights_sha256",
+            isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
+            "the weights' SHA-256 (64 hexadecimal digits)",
+        ),
+        ("weights", isinstance(meta.get("weights", WEIGHTS_NAME), str), "a file name"),
+        ("tokenizer", tok is None or isinstance(tok, str), "a folder name or null"),
+    ):
+        if not ok:
+            raise ValueError(
+                f"{cfg_path}: {key}={shorten(meta.get(key))}: expected {expected}; the file was edited or damaged "
+                "— restore it or re-save the model"
+            )
+
+
+def _clipseg_problems(clip_cfg: Any) -> list[str]:
+    """Sizes of a saved CLIPSeg architecture that are out of reason (building it would exhaust memory)."""
+    out = []
+    for part in ("vision_config", "text_config"):
+        sub = getattr(clip_cfg, part)
+        for key, high in (("hidden_size", 8192), ("intermediate_size", 32768), ("num_hidden_layers", 64)):
+            value = getattr(sub, key, None)
+            if not isinstance(value, int) or not 1 <= value <= high:
+                out.append(f"clipseg.{part}.{key}={shorten(value)}: expected an integer in 1..{high}")
+    vis = clip_cfg.vision_config
+    for key, high in (("patch_size", 64), ("image_size", 2048)):
+        value = getattr(vis, key, None)
+        if not isinstance(value, int) or not 1 <= value <= high:
+            out.append(f"clipseg.vision_config.{key}={shorten(value)}: expected an integer in 1..{high}")
+    return out
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -1015,6 +1084,10 @@ def model_info(path: str | os.PathLike, overrides: list[str] | None = None) -> d
             "parameters": dyn.parameter_counts(),
             "note": f"MONAI DynUNet, {len(strides)} levels, kernels {kernels}, strides {strides}",
         }
+    try:
+        check_model_config(cfg.model)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     model = TGatedModel.from_config(cfg.model, meta=True, local_files_only=True, fallback_to_random=True)
     notes = [model.note]
     if cfg.model.adapter == "none" and cfg.model.context != 1:

@@ -71,7 +71,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on damaged files
+        if "Unsupported global" in str(exc) or "can still be loaded" in str(exc):
+            # torch's message advises weights_only=False, which would run the code a pickle can hold
+            raise ValueError(
+                f"{p}: holds pickled Python objects besides tensors and plain values, so it is not a tgated "
+                f"checkpoint (which never does) and is not unpickled, since that could run code — {fix}"
+            ) from None
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc):  # never quote torch's advice to load unsafely
+            first = "damaged data or not a torch file"
         raise ValueError(
             f"{p}: not a readable checkpoint ({first[:200]}); it is truncated or corrupted — {fix}"
         ) from None

@@ -71,7 +71,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tgated.config import ConfigError, ExperimentConfig, apply_overrides, dump_yaml, load_config, to_dict
+from tgated.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    check_model_config,
+    dump_yaml,
+    load_config,
+    shorten,
+    to_dict,
+)
 from tgated.io.files import (
     atomic_write_json,
     atomic_write_text,
@@ -181,13 +190,18 @@ def resolve_config(
         raise ValueError(
             f"config: expected a YAML file path or an ExperimentConfig, got {type(config).__name__}"
         )
-    check_config(cfg)
+    try:
+        check_config(cfg)
+    except ValueError as exc:
+        if isinstance(config, ExperimentConfig):
+            raise
+        raise ValueError(f"{config}: {exc}") from None
     return cfg
 
 
 def _need(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ValueError(f"{key}={value!r}: expected {expected}")
+        raise ValueError(f"{key}={shorten(value)}: expected {expected}")
 
 
 def check_config(cfg: ExperimentConfig) -> None:
@@ -204,6 +218,14 @@ def check_config(cfg: ExperimentConfig) -> None:
         "data.root",
         cfg.data.root,
         "a dataset folder (set it in the config or with --set data.root=PATH)",
+    )
+    check_model_config(cfg.model)
+    sizes = cfg.data.split_sizes
+    _need(
+        min(sizes) >= 0 and sizes[0] >= 1,
+        "data.split_sizes",
+        list(sizes),
+        "case counts [train, val, test] >= 0 with at least one training case, e.g. [30, 10, 10]",
     )
     _need(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
     _need(
