@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tgated.config import BackboneConfig
+from tgated.io.files import read_json
 from tgated.organs import ORGANS
 
 logger = logging.getLogger(__name__)
@@ -286,10 +287,7 @@ def check_no_custom_code(
         f = Path(folder) / name
         if not f.is_file():
             continue
-        try:
-            meta = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{f}: not valid JSON ({exc})") from None
+        meta = read_json(f)
         found = [k for k in CODE_KEYS if isinstance(meta, dict) and k in meta]
         if found:
             raise ValueError(
@@ -313,7 +311,7 @@ def _check_checkpoint_dir(path: Path) -> None:
         )
     try:
         model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as exc:
         raise ValueError(f"{cfg}: not a valid JSON config ({exc})") from None
     if model_type == "tgated":
         raise ValueError(

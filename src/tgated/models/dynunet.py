@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tgated.config import ConfigError, ModelConfig, from_dict, to_dict
-from tgated.io.files import atomic_path, atomic_write_json, safe_join, sha256_file
+from tgated.io.files import atomic_path, atomic_write_json, read_json, safe_join, sha256_file
 from tgated.organs import Organ, parse_organs
 
 CONFIG_NAME = "config.json"
@@ -196,10 +196,7 @@ class DynUNetModel(nn.Module):
         cfg_path = root / CONFIG_NAME
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path} does not exist: {str(root)!r} is not a saved DynUNet model")
-        try:
-            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+        meta = read_json(cfg_path)
         if not isinstance(meta, dict) or meta.get("model_type") != "dynunet":
             found = meta.get("model_type") if isinstance(meta, dict) else None
             raise ValueError(f"{cfg_path}: model_type is {found!r}; expected 'dynunet'")
@@ -252,7 +249,7 @@ def saved_model_type(directory: str | os.PathLike) -> str | None:
         if cand.is_file():
             try:
                 meta = json.loads(cand.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-                return None
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError):
+                return None  # the loader reports it
             return meta.get("model_type") if isinstance(meta, dict) else None
     return None
