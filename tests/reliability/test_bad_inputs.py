@@ -267,15 +267,19 @@ def test_work_memory_grows_with_the_batch(model):
 def test_too_large_for_memory_fails_early(model):
     pred = Predictor(model, batch_size=8)
     est = pred.memory_estimate((512, 512, 2000), 13, True)
+    lean = pred.memory_estimate((512, 512, 2000), 13, False, batch_size=1)
+    available = round(lean.volume_gb / 2, 1)  # not even the volume's own arrays fit
+    assert lean.work_gb < available  # but one slice at a time would: the volume is the problem
     with pytest.raises(ValueError) as exc:
-        pred.check_memory((512, 512, 2000), 13, True, source="big.nii.gz", available_gb=8.0)
+        pred.check_memory((512, 512, 2000), 13, True, source="big.nii.gz", available_gb=available)
     msg = str(exc.value)
     assert msg.startswith(
         f"big.nii.gz: segmenting (512, 512, 2000) voxels × 13 organs needs about {est.host_gb:.1f} GB"
     )
     assert msg.endswith(
-        "only 8.0 GB is available; the volume's arrays and probabilities alone need about 48.8 GB: crop or "
-        "downsample the volume, leave out --save-probabilities (or use a machine with more memory)"
+        f"only {available:.1f} GB is available; the volume's arrays and probabilities alone need about "
+        f"{est.volume_gb:.1f} GB: crop or downsample the volume, leave out --save-probabilities (or use a "
+        "machine with more memory)"
     )
     pred.check_memory((512, 512, 2000), 13, True, available_gb=est.host_gb + 1)  # fits: no error
 
