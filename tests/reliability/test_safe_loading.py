@@ -19,7 +19,7 @@ from tgated.io.files import remove_stale_temporaries, safe_join, safe_name
 from tgated.models.tgated import TGatedModel
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "tgated"
-OUR_LOADERS = {"TGatedModel", "cls"}  # our own from_pretrained: safetensors + checksum, no code
+OUR_LOADERS = {"TGatedModel", "DynUNetModel", "cls"}  # our own from_pretrained: safetensors + checksum, no code
 
 
 def _modules() -> list[tuple[str, ast.Module]]:
