@@ -66,7 +66,7 @@ def timed_epoch(cfg: ExperimentConfig, cache: str, run: Path) -> tuple[float, fl
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    loss = trainer.loss_sums[0] / max(trainer.loss_sums[4], 1)
+    loss = trainer.losses.means()["loss"]
     trainer.close()
     return t1 - t0, t2 - t1, loss
 
