@@ -117,3 +117,6 @@ def test_quick_evidence_end_to_end(tmp_path, capsys) -> None:
     for run in (out / "runs").iterdir():
         if run.name != "stage1":
             assert len((run / "log.csv").read_text().strip().splitlines()) == 2
+    # the same folder with another number of phantoms is refused, naming both
+    assert main(["experiment", "evidence", "--quick", "--cases", "9", "--out", str(out), "--quiet"]) == 1
+    assert "8 phantoms" in capsys.readouterr().err

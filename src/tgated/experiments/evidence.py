@@ -131,6 +131,12 @@ def run_evidence(
     out_p.mkdir(parents=True, exist_ok=True)
 
     data = out_p / "data"
+    stamp = f"{n_cases} phantoms, seed {DATA_SEED}\n"
+    if (data / "DONE").is_file() and (data / "DONE").read_text(encoding="utf-8") != stamp:
+        raise ValueError(
+            f"{data}: holds {(data / 'DONE').read_text(encoding='utf-8').strip()}, not the {stamp.strip()} this "
+            "experiment asks for; use another --out (or the --cases it was made with)"
+        )
     if not (data / "DONE").is_file():
         _say(quiet, f"[1/4] writing {n_cases} phantoms (seed {DATA_SEED}) to {data}")
         write_dataset(
@@ -143,7 +149,7 @@ def run_evidence(
             overwrite=True,
             quiet=True,
         )
-        atomic_write_text(data / "DONE", f"{n_cases} phantoms, seed {DATA_SEED}\n")
+        atomic_write_text(data / "DONE", stamp)
 
     runs: dict[str, Path] = {}
     for seed in range(n_seeds):
