@@ -28,12 +28,13 @@ from tgated.inference.predictor import (
     MemoryEstimate,
     Prediction,
     available_memory_gb,
+    choose_organs,
     resolve_device,
     resolve_modality,
 )
 from tgated.io.volumes import Volume
 from tgated.models.dynunet import DynUNetModel, preprocessing
-from tgated.organs import Organ, get_organ
+from tgated.organs import Organ
 
 
 class DynUNetPredictor:
@@ -52,16 +53,7 @@ class DynUNetPredictor:
         return cls(DynUNetModel.from_pretrained(path, device=dev), device=dev, **kwargs)
 
     def organs_for(self, organs) -> tuple[Organ, ...]:
-        known = tuple(self.model.organs)
-        if organs is None:
-            return known
-        chosen = tuple(o if isinstance(o, Organ) else get_organ(o) for o in organs)
-        unknown = [o.name for o in chosen if o not in known]
-        if unknown:
-            raise ValueError(
-                f"organs {unknown} were not trained by this model; it segments: {', '.join(o.name for o in known)}"
-            )
-        return tuple(sorted(set(chosen), key=lambda o: o.id))
+        return choose_organs(self.model.organs, organs)
 
     def memory_estimate(
         self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool = False

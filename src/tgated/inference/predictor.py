@@ -221,6 +221,21 @@ class MemoryEstimate:
         return self.volume_gb + (self.work_gb if self.device == "cpu" else 0.0)
 
 
+def choose_organs(known, organs) -> tuple[Organ, ...]:
+    """The requested ``organs`` (names, ids or :class:`Organ`; None = all of ``known``) in id order;
+    an organ the model was not trained for is an error naming the ones it segments."""
+    known = tuple(known)
+    if organs is None:
+        return known
+    chosen = tuple(o if isinstance(o, Organ) else get_organ(o) for o in organs)
+    unknown = [o.name for o in chosen if o not in known]
+    if unknown:
+        raise ValueError(
+            f"organs {unknown} were not trained by this model; it segments: {', '.join(o.name for o in known)}"
+        )
+    return tuple(sorted(set(chosen), key=lambda o: o.id))
+
+
 class Predictor:
     """Segments volumes with a :class:`~tgated.models.tgated.TGatedModel`.
 
@@ -264,16 +279,7 @@ class Predictor:
     # ------------------------------------------------------------------------------------------
 
     def organs_for(self, organs) -> tuple[Organ, ...]:
-        known = tuple(self.model.organs)
-        if organs is None:
-            return known
-        chosen = tuple(o if isinstance(o, Organ) else get_organ(o) for o in organs)
-        unknown = [o.name for o in chosen if o not in known]
-        if unknown:
-            raise ValueError(
-                f"organs {unknown} were not trained by this model; it segments: {', '.join(o.name for o in known)}"
-            )
-        return tuple(sorted(set(chosen), key=lambda o: o.id))
+        return choose_organs(self.model.organs, organs)
 
     def _halo(self, positions: np.ndarray, start: int, end: int) -> tuple[int, int]:
         """Slices [lo, hi) a chunk of centres [start, end) needs for its windows."""
