@@ -8,8 +8,9 @@ have random weights, which does not change their cost). It is segmented
   probabilities resampled to 512² → label map;
 * by the 3-D baseline's recipe, with MONAI's own pieces: ``Spacing`` to 1.5 mm isotropic, HU
   [−125, 275] → [0, 1], ``sliding_window_inference`` with 96³ windows, overlap 0.5, Gaussian weighting,
-  through a ``DynUNet`` (six 3³ stages, strides 1-2-2-2-2-2, filters 32-320, residual blocks, 14 output
-  channels: the nnU-Net-style network MONAI builds for 96³ patches), argmax, and the labels resampled
+  through the project's ``DynUNet`` as ``configs/flare22_dynunet.yaml`` builds it (the published
+  baseline's network: five 3³ stages, strides 1-2-2-2-2, filters 32-320, residual blocks, 14 output
+  channels, 16.7 M parameters), argmax, and the labels resampled
   back to the native grid (nearest). Resampling labels instead of probabilities is the cheaper
   choice; the ratio is, if anything, in DynUNet's favour.
 
@@ -56,6 +57,8 @@ from tgated.organs import ORGANS
 GB = 1e9
 SPACING = (0.8, 0.8, 1.5)
 TARGET_MM = 1.5
+DYNUNET_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flare22_dynunet.yaml"
+"""The 3-D baseline's recipe (network, spacing, window) as the project trains it."""
 
 
 def peak_rss_gb() -> float:
@@ -142,19 +145,15 @@ def encoded_slices(z: int, chunk: int, k: int) -> int:
     return sum(min(start + chunk + k // 2, z) - max(start - k // 2, 0) for start in range(0, z, chunk))
 
 
-def dynunet(out_channels: int, levels: int) -> torch.nn.Module:
-    from monai.networks.nets import DynUNet
+def dynunet(roi: int) -> torch.nn.Module:
+    """The 3-D baseline as ``tgated train`` builds it from ``configs/flare22_dynunet.yaml`` (the
+    published baseline's network: 5 levels for 96³, filters 32-320, residual blocks, 14 output
+    channels), with the window edge set to ``roi``."""
+    from tgated.config import load_config
+    from tgated.models.dynunet import DynUNetModel
 
-    strides = [[1, 1, 1]] + [[2, 2, 2]] * (levels - 1)
-    return DynUNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=out_channels,
-        kernel_size=[[3, 3, 3]] * levels,
-        strides=strides,
-        upsample_kernel_size=strides[1:],
-        res_block=True,
-    )
+    cfg = load_config(DYNUNET_CONFIG, [f"model.dynunet.patch_size=[{roi},{roi},{roi}]"])
+    return DynUNetModel(cfg.model)
 
 
 def windows_along(size: int, roi: int, overlap: float) -> int:
@@ -171,10 +170,7 @@ def run_dynunet(volume, args, device: torch.device) -> dict:
     from monai.transforms import ScaleIntensityRange, Spacing, SpatialResample
 
     roi = (args.roi,) * 3
-    levels, edge = 1, args.roi  # halve while the deepest feature map keeps >= 3 voxels (96: 6 levels)
-    while levels < 6 and edge % 2 == 0 and edge // 2 >= 3:
-        levels, edge = levels + 1, edge // 2
-    net = dynunet(len(ORGANS) + 1, levels).to(device).eval()
+    net = dynunet(args.roi).to(device).eval()
     amp = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.type == "cuda"
