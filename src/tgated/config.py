@@ -255,9 +255,17 @@ class TrainConfig:
     """Learning rate of the learned organ embeddings (``model.conditioning: learned``)."""
     weight_decay: float = 1e-4
     warm_restart_epochs: int = 10
-    """Cosine schedule with warm restarts: length of each cycle in epochs (stepped per optimizer step)."""
+    """Cosine schedule with warm restarts: length of each cycle in epochs."""
+    schedule_step: Literal["step", "epoch"] = "step"
+    """When the schedule moves: ``step`` = after every optimizer step (a smooth cosine within each
+    epoch), ``epoch`` = once per epoch, the rate constant within an epoch (PyTorch's
+    ``CosineAnnealingWarmRestarts`` stepped at epoch ends, as the published code)."""
+    min_lr: float = 0.0
+    """Lowest learning rate of a cycle, absolute and shared by every group (PyTorch's ``eta_min``;
+    the published code uses 1e-7). A group's lowest rate is ``min_lr + min_lr_ratio · (lr − min_lr)``."""
     min_lr_ratio: float = 0.01
-    """Lowest learning rate of a cycle, as a fraction of the group's learning rate."""
+    """Lowest learning rate of a cycle as a fraction of the way from ``min_lr`` to the group's rate
+    (with ``min_lr: 0``: a fraction of the group's rate)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

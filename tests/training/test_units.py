@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tgated.config import TrainConfig
 from tgated.io.files import is_temporary, replace_dir
 from tgated.training.checkpoint import (
     load_checkpoint,
@@ -19,7 +20,14 @@ from tgated.training.checkpoint import (
     set_rng_state,
     state_digest,
 )
-from tgated.training.loop import config_differences, cosine_restart_factor, resolve_precision
+from tgated.training.loop import (
+    check_config,
+    check_min_lr,
+    config_differences,
+    cosine_restart_factor,
+    resolve_precision,
+    scheduled_lr,
+)
 from tgated.training.losses import segmentation_loss, soft_dice_loss
 
 
@@ -49,6 +57,59 @@ def test_cosine_schedule_with_warm_restarts():
     assert cosine_restart_factor(9, 10, r) == pytest.approx(r + (1 - r) * 0.5 * (1 + math.cos(math.pi * 0.9)))
     assert cosine_restart_factor(10, 10, r) == pytest.approx(1.0)  # restart
     assert cosine_restart_factor(25, 10, r) == pytest.approx(cosine_restart_factor(5, 10, r))
+
+
+def test_epoch_schedule_with_absolute_minimum_is_pytorchs_warm_restarts():
+    """schedule_step: epoch + min_lr (ratio 0) gives, per epoch, the rates of PyTorch's
+    CosineAnnealingWarmRestarts(T_0=5, eta_min=1e-7) stepped at every epoch end, for every group
+    (the 1e-6 group goes down to 1e-7, not to a fraction of its own rate)."""
+    t = TrainConfig(warm_restart_epochs=5, schedule_step="epoch", min_lr=1e-7, min_lr_ratio=0.0)
+    bases = [5e-5, 1e-5, 1e-6]
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": b} for b in bases])
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=5, T_mult=1, eta_min=1e-7)
+    steps_per_epoch = 7
+    for epoch in range(12):
+        expected = [g["lr"] for g in opt.param_groups]
+        for i in range(steps_per_epoch):  # constant within the epoch
+            step = epoch * steps_per_epoch + i
+            got = [scheduled_lr(b, t, step=step, epoch=epoch, steps_per_epoch=steps_per_epoch) for b in bases]
+            assert got == pytest.approx(expected, rel=1e-12, abs=0)
+        opt.step()
+        sched.step()
+    # by hand: epoch 4 of 5 (T_cur = 4), the 1e-6 group
+    e4 = scheduled_lr(1e-6, t, step=0, epoch=4, steps_per_epoch=1)
+    assert e4 == pytest.approx(1e-7 + 0.9e-6 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
+    assert scheduled_lr(1e-6, t, step=0, epoch=5, steps_per_epoch=1) == pytest.approx(1e-6)  # restart
+
+
+def test_step_schedule_default_is_the_relative_cosine():
+    t = TrainConfig(warm_restart_epochs=2)  # schedule_step: step, min_lr 0, min_lr_ratio 0.01
+    for step in range(0, 45, 7):
+        assert scheduled_lr(1e-4, t, step=step, epoch=step // 10, steps_per_epoch=10) == (
+            1e-4 * cosine_restart_factor(step, 20, 0.01)
+        )
+    # both: the lowest rate is min_lr + ratio · (lr − min_lr), reached just before a restart
+    t = TrainConfig(warm_restart_epochs=1, min_lr=1e-6, min_lr_ratio=0.5)
+    low = scheduled_lr(1e-4, t, step=10_000 - 1, epoch=0, steps_per_epoch=10_000)
+    assert low == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6), rel=1e-6)
+
+
+def test_min_lr_above_a_group_rate_is_an_error():
+    t = TrainConfig(min_lr=1e-5)
+    check_min_lr(t, {"train.lr_adapter": 1e-4, "train.lr_decoder": 1e-5})  # equal is fine
+    with pytest.raises(ValueError, match=r"train.min_lr=1e-05: expected at most every learning rate in use, "
+                       r"but train.lr_backbone=1e-06 is lower"):
+        check_min_lr(t, {"train.lr_adapter": 1e-4, "train.lr_backbone": 1e-6})
+    from tgated.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.data.root = "x"
+    cfg.train.min_lr = -1e-7
+    with pytest.raises(ValueError, match=r"train.min_lr=-1e-07: expected a finite learning rate >= 0"):
+        check_config(cfg)
+    cfg.train.min_lr = 0.0
+    cfg.train.schedule_step = "epoch"
+    check_config(cfg)
 
 
 def test_precision_on_cpu():

@@ -14,8 +14,9 @@ what differs is the data and the network:
   state set from ``(seed, train.seed, epoch, sample index)``: a patch does not depend on the process,
   the worker or on where a run was interrupted, so resume is exact and DDP matches one process.
 * Loss: MONAI ``DiceCELoss`` (softmax, one-hot targets) over the deep-supervision heads, weighted 1, 1/2,
-  1/4 ... (normalised); AdamW at ``train.dynunet.lr``; cosine warm restarts per optimizer step
-  (``train.warm_restart_epochs``, ``min_lr_ratio``), gradient clipping, AMP on CUDA.
+  1/4 ... (normalised); AdamW at ``train.dynunet.lr``; cosine warm restarts as for T-Gated
+  (:func:`tgated.training.loop.scheduled_lr`: ``train.warm_restart_epochs``, ``schedule_step``,
+  ``min_lr``, ``min_lr_ratio``), gradient clipping, AMP on CUDA.
 * Validation: sliding-window inference of every validation volume by the predictor of ``tgated
   predict`` (:class:`tgated.inference.dynunet.DynUNetPredictor`) and 3-D Dice per organ; the best
   model goes to ``RUN/model/`` (``config.json`` + ``model.safetensors``).
@@ -43,7 +44,14 @@ from tgated.progress import progress
 from tgated.training.augment import sample_rng
 from tgated.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tgated.training.distributed import DistContext
-from tgated.training.loop import TrainResult, _splits, cosine_restart_factor, prepare_run, resolve_precision
+from tgated.training.loop import (
+    TrainResult,
+    _splits,
+    check_min_lr,
+    prepare_run,
+    resolve_precision,
+    scheduled_lr,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +268,6 @@ class DynUNetTrainer:
             t.steps_per_epoch * a if t.steps_per_epoch else max(a, (per_epoch // b) // a * a)
         )
         self.steps_per_epoch = self.micro_per_epoch // a
-        self.cycle_steps = t.warm_restart_epochs * self.steps_per_epoch
         self.info(
             "%d epochs × %d optimizer steps (batch %d × accumulation %d, %d processes)",
             t.epochs,
@@ -269,6 +276,7 @@ class DynUNetTrainer:
             a,
             self.ctx.world_size,
         )
+        check_min_lr(t, {"train.dynunet.lr": t.dynunet.lr})
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=t.dynunet.lr, weight_decay=t.weight_decay
         )
@@ -404,8 +412,8 @@ class DynUNetTrainer:
             bar.update(1)
             if last:
                 for g in self.optimizer.param_groups:
-                    g["lr"] = self.base_lr * cosine_restart_factor(
-                        self.step, self.cycle_steps, t.min_lr_ratio
+                    g["lr"] = scheduled_lr(
+                        self.base_lr, t, step=self.step, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch
                     )
                 if t.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)

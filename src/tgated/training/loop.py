@@ -13,7 +13,8 @@ What a run does
 4. Each epoch draws its samples (:func:`~tgated.training.sampling.epoch_samples`), augments each
    with its own generator (:mod:`tgated.training.augment`), and optimises BCE + soft Dice + the gate
    regulariser with AdamW (groups ``adapter`` / ``decoder`` / ``backbone`` at ``lr_adapter`` /
-   ``lr_decoder`` / ``lr_backbone``), a cosine schedule with warm restarts stepped per optimizer step,
+   ``lr_decoder`` / ``lr_backbone``), a cosine schedule with warm restarts (:func:`scheduled_lr`:
+   moved per optimizer step or per epoch, down to ``min_lr`` / ``min_lr_ratio``),
    gradient clipping, gradient accumulation, and AMP on CUDA (bf16, or fp16 with a GradScaler).
 5. Every ``val_every`` epochs (and after the last), each validation volume is segmented by the
    predictor of ``tgated predict`` (:class:`tgated.inference.predictor.Predictor`) and scored with
@@ -74,6 +75,7 @@ from torch.utils.data import DataLoader, Dataset
 from tgated.config import (
     ConfigError,
     ExperimentConfig,
+    TrainConfig,
     apply_overrides,
     check_model_config,
     dump_yaml,
@@ -247,6 +249,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     _need(t.cache_max_gb > 0, "train.cache_max_gb", t.cache_max_gb, "a positive number of GB")
     _need(t.warm_restart_epochs >= 1, "train.warm_restart_epochs", t.warm_restart_epochs, "an integer >= 1")
     _need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "a number in [0, 1]")
+    _need(math.isfinite(t.min_lr) and t.min_lr >= 0, "train.min_lr", t.min_lr, "a finite learning rate >= 0")
     _need(0 <= t.negative_fraction < 1, "train.negative_fraction", t.negative_fraction, "a number in [0, 1)")
     _need(0 <= t.flip_lr <= 1, "train.flip_lr", t.flip_lr, "a probability in [0, 1]")
     _need(0 <= t.rotate_deg <= 180, "train.rotate_deg", t.rotate_deg, "degrees in [0, 180]")
@@ -319,6 +322,32 @@ def cosine_restart_factor(step: int, cycle_steps: int, min_ratio: float) -> floa
     restarts every ``cycle_steps`` steps: 1 at each cycle's start, down to ``min_ratio``."""
     t = (step % cycle_steps) / cycle_steps
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def scheduled_lr(base: float, t: TrainConfig, *, step: int, epoch: int, steps_per_epoch: int) -> float:
+    """Learning rate of a group whose rate is ``base`` for optimizer step ``step`` (0-based, counted
+    over the run) taken in epoch ``epoch`` (0-based): cosine annealing with warm restarts every
+    ``train.warm_restart_epochs`` epochs, moved per step or per epoch (``train.schedule_step``), from
+    ``base`` down to ``min_lr + min_lr_ratio · (base − min_lr)``. With ``schedule_step: epoch`` and
+    ``min_lr_ratio: 0`` this is PyTorch's ``CosineAnnealingWarmRestarts(T_0=warm_restart_epochs,
+    eta_min=min_lr)`` stepped at every epoch end."""
+    if t.schedule_step == "epoch":
+        factor = cosine_restart_factor(epoch, t.warm_restart_epochs, t.min_lr_ratio)
+    else:
+        factor = cosine_restart_factor(step, t.warm_restart_epochs * steps_per_epoch, t.min_lr_ratio)
+    return t.min_lr + (base - t.min_lr) * factor
+
+
+def check_min_lr(t: TrainConfig, rates: dict[str, float]) -> None:
+    """``train.min_lr`` may not exceed the rate of a group in use (``rates``: config key → rate):
+    the schedule would raise that group's rate above what the config gives it."""
+    for key, rate in rates.items():
+        _need(
+            t.min_lr <= rate,
+            "train.min_lr",
+            t.min_lr,
+            f"at most every learning rate in use, but {key}={rate:g} is lower (lower min_lr, or raise {key})",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +627,6 @@ class _Trainer:
             self.micro_per_epoch = max(a, (n // b) // a * a)
         self.steps_per_epoch = self.micro_per_epoch // a
         self.samples_per_epoch = self.micro_per_epoch * b
-        self.cycle_steps = t.warm_restart_epochs * self.steps_per_epoch
         self.info(
             "%d epochs × %d optimizer steps (batch %d × accumulation %d, %d processes)",
             t.epochs,
@@ -633,6 +661,7 @@ class _Trainer:
             "backbone": t.lr_backbone,
             "conditioning": t.lr_conditioning,
         }
+        check_min_lr(t, {f"train.lr_{name}": lrs[name] for name, ps in groups.items() if ps})
         self.optimizer = torch.optim.AdamW(
             [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
             lr=t.lr_decoder,
@@ -764,9 +793,10 @@ class _Trainer:
     # ------------------------------------------------------------------ training
 
     def _set_lr(self) -> None:
-        f = cosine_restart_factor(self.step, self.cycle_steps, self.t.min_lr_ratio)
         for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            g["lr"] = base * f
+            g["lr"] = scheduled_lr(
+                base, self.t, step=self.step, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch
+            )
 
     def _lrs(self) -> dict[str, Any]:
         lrs: dict[str, Any] = {f"lr_{g}": "" for g in GROUPS}
@@ -1122,10 +1152,12 @@ __all__ = [
     "RESUMABLE_KEYS",
     "TrainResult",
     "check_config",
+    "check_min_lr",
     "config_differences",
     "cosine_restart_factor",
     "prepare_run",
     "resolve_config",
     "resolve_precision",
+    "scheduled_lr",
     "train",
 ]
