@@ -135,6 +135,13 @@ class AdapterConfig:
     starts at 0, so adapted tokens equal the centre tokens up to the gate's σ(b)) or ``normal``
     (PyTorch's default fan-in init, as the published code: the gate's weights get a gradient from
     step 0, and the adapted tokens still stay within a few σ(b) of the centre tokens)."""
+    spatial_out_init: Literal["zero", "normal"] = "zero"
+    """Initialisation of the spatial block's two output projections (attention and MLP): ``zero``
+    (the block starts as the identity) or ``normal`` (PyTorch's default, as the published code)."""
+    attention_init: Literal["linear", "xavier"] = "linear"
+    """Initialisation of the adapter's attention projections (temporal and spatial): ``linear``
+    (``nn.Linear``'s default for q/k/v and the output) or ``xavier`` (``nn.MultiheadAttention``'s,
+    as the published code: Xavier-uniform q/k/v weights, zero q/k/v and output biases)."""
 
 
 @dataclass
@@ -271,7 +278,12 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU."""
     negative_fraction: float = 0.1
-    """Share of negative samples (organ labelled by the dataset but absent from the slice)."""
+    """Share of negative samples among each epoch's draws (an empty target for the sample's organ)."""
+    negatives: Literal["organ_absent", "label_free"] = "organ_absent"
+    """Which (slice, organ) pairs are negatives: ``organ_absent`` = the organ is labelled by the
+    dataset but absent from the slice (every prompt learns "not here"); ``label_free`` = slices
+    without any labelled voxel, paired with organs in proportion to their weighted positive counts
+    (the published code's negatives)."""
     organ_weights: dict[str, float] = field(
         default_factory=lambda: {
             "right_adrenal_gland": 8.0,
@@ -286,7 +298,11 @@ class TrainConfig:
     """Sampling weights of small organs (the reference recipe); others weigh 1."""
     augment: bool = True
     flip_lr: float = 0.0
-    """Probability of a left-right flip (lateralised labels are swapped)."""
+    """Probability of a left-right flip of a sample (window and mask)."""
+    flip_lateral: Literal["swap", "skip"] = "swap"
+    """What a flip does to a sample of a lateral organ (kidneys, adrenal glands): ``swap`` = its
+    target becomes its partner's mirrored mask ("right kidney" is the flipped left kidney); ``skip``
+    = it is never flipped, only organs without a side are (the published rule)."""
     rotate_deg: float = 10.0
     """Rotations drawn uniformly in ±rotate_deg degrees."""
     scale: float = 0.1

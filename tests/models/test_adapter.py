@@ -59,6 +59,39 @@ def test_init_equals_centre_up_to_the_gate() -> None:
     assert ratio.max() < 0.01
 
 
+def test_published_initialisations() -> None:
+    """``spatial_out_init: normal`` + ``attention_init: xavier``: the spatial block's output
+    projections keep PyTorch's default init (the block is no longer the identity), and every attention
+    has nn.MultiheadAttention's init: zero q/k/v and output biases, q/k/v weights Xavier-uniform,
+    whose bound sqrt(6 / (D + 3D)) is above nn.Linear's 1 / sqrt(D)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    ours = TGatedAdapter(64, 3, SMALL)
+    published = TGatedAdapter(
+        64, 3, dataclasses.replace(SMALL, spatial_out_init="normal", attention_init="xavier")
+    )
+    sp_ours, sp_pub = ours.spatial, published.spatial
+    for lin in (sp_ours.attn.out, sp_ours.fc2):
+        assert not lin.weight.any() and not lin.bias.any()
+    for lin in (sp_pub.attn.out, sp_pub.fc2):
+        assert lin.weight.abs().max() > 0
+    assert sp_pub.fc2.bias.abs().max() > 0  # the MLP keeps nn.Linear's bias init
+    for attn, width in [(sp_pub.attn, 64), *((layer.attn, SMALL.dim) for layer in published.temporal.layers)]:
+        assert not attn.qkv.bias.any() and not attn.out.bias.any()
+        bound = math.sqrt(6 / (width + 3 * width))
+        assert attn.qkv.weight.abs().max() <= bound
+        assert attn.qkv.weight.abs().max() > 1 / math.sqrt(width)  # beyond nn.Linear's range
+    for attn in (sp_ours.attn, *(layer.attn for layer in ours.temporal.layers)):
+        assert attn.qkv.bias.abs().max() > 0  # ours: nn.Linear's default
+        assert attn.qkv.weight.abs().max() <= 1 / math.sqrt(attn.qkv.in_features)
+    # the spatial block now changes the tokens at init
+    x = torch.randn(2, 3, 17, 64)
+    published.eval()
+    h = published.spatial(x[:, 1])
+    assert (h - x[:, 1]).abs().max() > 1e-3
+
+
 def test_gate_off_is_residual_and_identity_at_init() -> None:
     adapter = TGatedAdapter(64, 3, SMALL, gate=False).eval()
     assert adapter.gate is None

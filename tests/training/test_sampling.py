@@ -116,6 +116,49 @@ def test_negative_share_is_exact_and_order_is_deterministic():
     assert epoch_size(index, 0.1) == round(len(index.pos) / 0.9)
 
 
+def test_label_free_negatives_are_slices_without_any_label():
+    """``negatives: label_free``: only slices holding no labelled voxel are negatives (paired with
+    every organ the case labels), where ``organ_absent`` also takes slices that hold another organ."""
+    lab = np.zeros((4, S, S), np.uint8)
+    lab[0, 2:4, 2:4] = LIVER
+    lab[1, 2:4, 2:4] = LIVER
+    lab[1, 6:8, 6:8] = R_KIDNEY
+    lab[3, 9:10, 9:10] = DUODENUM  # an organ the case does not label: slice 3 is not label-free
+    vol = volume(lab, labelled=(LIVER, R_KIDNEY))
+    absent = build_sample_index([vol], organs=[LIVER, R_KIDNEY], negatives="organ_absent")
+    free = build_sample_index([vol], organs=[LIVER, R_KIDNEY], negatives="label_free")
+    assert sorted(map(tuple, absent.neg.tolist())) == [
+        (0, 0, R_KIDNEY), (0, 2, LIVER), (0, 2, R_KIDNEY), (0, 3, LIVER), (0, 3, R_KIDNEY)
+    ]
+    assert sorted(map(tuple, free.neg.tolist())) == [(0, 2, LIVER), (0, 2, R_KIDNEY)]
+    assert np.array_equal(free.pos, absent.pos) and absent.neg_weight is None
+    # organ weights w_o · P_o: liver 1 · 2, right kidney 1 · 1 (one negative pair each)
+    pairs = zip(free.neg[:, 2].tolist(), free.neg_weight.tolist(), strict=True)
+    assert sorted(pairs) == [(LIVER, 2.0), (R_KIDNEY, 1.0)]
+    with pytest.raises(ValueError, match=r"train.negatives='none': expected one of organ_absent, label_free"):
+        build_sample_index([vol], organs=[LIVER], negatives="none")
+
+
+def test_label_free_negatives_follow_the_weighted_positive_counts():
+    """The published pairing: organ o's share of the negatives is w_o · P_o / Σ w_p · P_p, however
+    many label-free slices there are; the negative share of the draws is exact."""
+    lab = np.zeros((30, S, S), np.uint8)
+    lab[:12, 1:3, 1:3] = LIVER  # P_liver = 12
+    lab[:4, 8:9, 8:9] = R_ADRENAL  # P_adrenal = 4, weight 8 -> 32
+    vol = volume(lab, (LIVER, R_ADRENAL))  # slices 12-29 are label-free
+    index = build_sample_index([vol], [LIVER, R_ADRENAL], {"right_adrenal_gland": 8}, negatives="label_free")
+    assert len(index.neg) == 2 * 18
+    order = epoch_samples(index, 40000, 0.25, seed=[1, 2], epoch=0)
+    neg = order[order[:, 3] == 1]
+    assert len(neg) == 10000
+    assert set(neg[:, 1].tolist()) <= set(range(12, 30))
+    share = float((neg[:, 2] == R_ADRENAL).mean())
+    # expected 32 / 44 = 0.727; binomial sd over 10000 draws is 0.0045
+    assert abs(share - 32 / 44) < 5 * 0.0045
+    # every label-free slice is drawn (evenly within an organ)
+    assert len(set(neg[neg[:, 2] == LIVER][:, 1].tolist())) == 18
+
+
 def test_organ_weights_are_respected_statistically():
     lab = np.zeros((40, S, S), np.uint8)
     lab[:, 1:3, 1:3] = LIVER
@@ -148,6 +191,33 @@ def test_lateral_partners_and_target_choice():
     assert target_organ(R_KIDNEY, False, {R_KIDNEY, L_KIDNEY}) == (R_KIDNEY, False)
     # the partner is not labelled: the sample is not flipped
     assert target_organ(R_KIDNEY, True, {R_KIDNEY}) == (R_KIDNEY, False)
+    # the published rule: lateral organs are never flipped, the others keep their own label
+    assert target_organ(R_KIDNEY, True, {R_KIDNEY, L_KIDNEY}, "skip") == (R_KIDNEY, False)
+    assert target_organ(R_ADRENAL, True, {R_ADRENAL}, "skip") == (R_ADRENAL, False)
+    assert target_organ(LIVER, True, {LIVER}, "skip") == (LIVER, True)
+    assert target_organ(LIVER, False, {LIVER}, "skip") == (LIVER, False)
+    with pytest.raises(ValueError, match="train.flip_lateral='mirror'"):
+        target_organ(LIVER, True, {LIVER}, "mirror")
+
+
+def test_skip_flip_rule_in_the_batches():
+    """``flip_lateral: skip`` with flips always drawn: the kidney samples are the unflipped windows and
+    masks, a liver sample is mirrored with its own mask."""
+    lab = np.zeros((3, S, S), np.uint8)
+    lab[1, 4:9, 1:4] = R_KIDNEY
+    lab[1, 6:8, 10:15] = L_KIDNEY
+    lab[1, 10:14, 3:9] = LIVER
+    vol = volume(lab, (LIVER, R_KIDNEY, L_KIDNEY))
+    plan = plan_windows(3, 3)
+    cfg = TrainConfig(augment=True, flip_lr=1.0, flip_lateral="skip", rotate_deg=0.0, scale=0.0, intensity=0.0)
+    order = np.array([[0, 1, R_KIDNEY, 0], [0, 1, L_KIDNEY, 0], [0, 1, LIVER, 0]])
+    batch = _EpochBatches(order, [vol], [plan], None, cfg, [0, 0], 0, 3, 0, 1)[0]
+    window = vol.slices[[0, 1, 2]].float()
+    for i, organ in enumerate((R_KIDNEY, L_KIDNEY)):
+        assert torch.equal(batch["masks"][i], torch.as_tensor(lab[1] == organ).float())
+        assert torch.equal(batch["inputs"][i], window)
+    assert torch.equal(batch["masks"][2], torch.as_tensor(lab[1] == LIVER).float().flip(-1))
+    assert torch.equal(batch["inputs"][2], window.flip(-1))
 
 
 def test_flip_swaps_left_and_right_kidney_in_the_batches():

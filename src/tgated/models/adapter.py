@@ -13,7 +13,11 @@ adapted tokens for the window's centre slice:
 2. **gate**: ``g = sigmoid(W h_t + b)`` with a full C×C ``W`` (element-wise output), ``W = 0`` and
    ``b = gate_bias_init`` (−5) at init; ``h = g·h_t + (1 − g)·h_centre``.
 3. **spatial** context block: pre-LN self-attention over the N tokens + MLP C→2C→C, both
-   residual with zero-initialised output projections and drop-path.
+   residual with zero-initialised output projections (``spatial_out_init: normal``: PyTorch's
+   default, as the published code) and drop-path.
+
+Attention projections keep ``nn.Linear``'s initialisation, or ``nn.MultiheadAttention``'s with
+``attention_init: xavier`` (the published code's).
 4. **head**: Linear C→C, LayerNorm, GELU, Dropout, Linear C→C (zero-init), Dropout, residual
    (``residual_head=False`` — the published wiring — drops the residual; its last Linear then
    keeps the default init).
@@ -60,16 +64,27 @@ class DropPath(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over (B, L, D) with ``scaled_dot_product_attention``."""
+    """Multi-head self-attention over (B, L, D) with ``scaled_dot_product_attention``.
 
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+    ``init``: ``linear`` keeps ``nn.Linear``'s default initialisation; ``xavier`` is
+    ``nn.MultiheadAttention``'s (Xavier-uniform q/k/v weights over the whole 3D×D matrix, zero
+    q/k/v and output biases, the output weight as ``nn.Linear``).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, init: str = "linear") -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        if init not in ("linear", "xavier"):
+            raise ValueError(f"attention init {init!r}: expected 'linear' or 'xavier'")
         self.heads = heads
         self.dropout = float(dropout)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
+        if init == "xavier":
+            nn.init.xavier_uniform_(self.qkv.weight)
+            nn.init.zeros_(self.qkv.bias)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, query: int | None = None) -> torch.Tensor:
         """(B, L, D) → (B, L, D); with ``query``, only that position attends: (B, 1, D)."""
@@ -93,7 +108,7 @@ class TransformerLayer(nn.Module):
     ``x + DropPath(Dropout(Attn(LN(x))))`` then ``x + DropPath(Dropout(W2 Dropout(GELU(W1 LN(x)))))``
     (the dropout placement of ``nn.TransformerEncoderLayer(norm_first=True)``). With
     ``zero_init_out`` the attention and MLP output projections start at zero, so the layer is the
-    identity at init.
+    identity at init; ``attention_init`` is :class:`SelfAttention`'s ``init``.
     """
 
     def __init__(
@@ -104,10 +119,11 @@ class TransformerLayer(nn.Module):
         dropout: float,
         drop_path: float,
         zero_init_out: bool = False,
+        attention_init: str = "linear",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads, dropout)
+        self.attn = SelfAttention(dim, heads, dropout, attention_init)
         self.drop1 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, ffn_dim)
@@ -145,7 +161,10 @@ class TemporalTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         rates = [cfg.drop_path * i / max(cfg.layers - 1, 1) for i in range(cfg.layers)]
         self.layers = nn.ModuleList(
-            TransformerLayer(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, rate) for rate in rates
+            TransformerLayer(
+                cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, rate, attention_init=cfg.attention_init
+            )
+            for rate in rates
         )
         self.out_norm = nn.LayerNorm(cfg.dim)
         self.out_proj = nn.Linear(cfg.dim, channels, bias=False)
@@ -252,7 +271,8 @@ class TGatedAdapter(nn.Module):
                 2 * channels,
                 cfg.spatial_dropout,
                 cfg.spatial_drop_path,
-                zero_init_out=True,
+                zero_init_out=cfg.spatial_out_init == "zero",
+                attention_init=cfg.attention_init,
             )
             if spatial
             else None

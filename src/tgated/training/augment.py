@@ -1,10 +1,11 @@
 """Augmentation that respects anatomy, one transform per sample for all K slices and the mask.
 
 * **Left-right flip** (probability ``train.flip_lr``): mirrors the window and the mask along the
-  patient's right-left axis (the slice's columns). A lateralised organ's target becomes its
-  partner's mirrored mask: after a flip, "right kidney" is the flipped *left*-kidney label
-  (:data:`tgated.organs.LATERAL_PAIRS`). A lateral sample whose partner the dataset does not label
-  is not flipped.
+  patient's right-left axis (the slice's columns). With ``train.flip_lateral: swap`` a lateralised
+  organ's target becomes its partner's mirrored mask: after a flip, "right kidney" is the flipped
+  *left*-kidney label (:data:`tgated.organs.LATERAL_PAIRS`); a lateral sample whose partner the
+  dataset does not label is not flipped. With ``skip`` (the published rule) a lateral organ's
+  sample is never flipped and other organs keep their own (mirrored) mask.
 * **Rotation / zoom** (``rotate_deg``, ``scale``): one in-plane affine about the slice centre;
   intensities bilinear, the mask nearest-neighbour; outside the slice is 0 (the padding value of
   :func:`tgated.data.slices.to_model_grid`).
@@ -75,18 +76,23 @@ def draw_transform(cfg: TrainConfig, rng: np.random.Generator) -> Transform:
     )
 
 
-def target_organ(organ: int, flip: bool, labelled: Collection[int]) -> tuple[int, bool]:
+def target_organ(
+    organ: int, flip: bool, labelled: Collection[int], lateral: str = "swap"
+) -> tuple[int, bool]:
     """(label id whose mask is the target, whether to flip) for a sample of ``organ``.
 
-    A flip swaps a lateral organ with its partner; when the partner is not labelled the flip is
-    dropped for this sample.
+    ``lateral`` (``train.flip_lateral``): ``swap`` = a flip swaps a lateral organ with its partner
+    (when the partner is not labelled the flip is dropped for this sample); ``skip`` = a lateral
+    organ's sample is never flipped.
     """
+    if lateral not in ("swap", "skip"):
+        raise ValueError(f"train.flip_lateral={lateral!r}: expected 'swap' or 'skip'")
     if not flip:
         return organ, False
     partner = LATERAL_PARTNER.get(organ)
     if partner is None:
         return organ, True
-    if partner not in labelled:
+    if lateral == "skip" or partner not in labelled:
         return organ, False
     return partner, True
 

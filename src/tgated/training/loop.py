@@ -499,7 +499,7 @@ class _EpochBatches(Dataset):
             vol, plan = self.volumes[v], self.plans[v]
             rng = sample_rng(self.seed, self.epoch, start + j)
             t = draw_transform(self.cfg, rng) if self.tokens is None else Transform()
-            label_id, flip = target_organ(organ, t.flip, vol.labelled)
+            label_id, flip = target_organ(organ, t.flip, vol.labelled, self.cfg.flip_lateral)
             t = dataclasses.replace(t, flip=flip)
             mask = vol.labels[z] == label_id
             if self.tokens is None:
@@ -596,15 +596,25 @@ class _Trainer:
             mb,
             len(self.val_cases),
         )
-        self.index: SampleIndex = build_sample_index(self.volumes, organ_ids, t.organ_weights)
+        self.index: SampleIndex = build_sample_index(self.volumes, organ_ids, t.organ_weights, t.negatives)
         if not len(self.index.pos):
             raise ValueError(
                 f"{cfg.data.root}: the training cases hold no voxels of the model's organs "
                 f"({', '.join(o.name for o in self.model_organs)}); check the labels and model.organs"
             )
         self.info(
-            "samples: %d positive, %d negative (slice, organ) pairs", len(self.index.pos), len(self.index.neg)
+            "samples: %d positive, %d negative (slice, organ) pairs (negatives: %s)",
+            len(self.index.pos),
+            len(self.index.neg),
+            t.negatives,
         )
+        if t.negative_fraction > 0 and not len(self.index.neg):
+            logger.warning(
+                "train.negative_fraction=%g but no %s negatives exist in the training volumes: no negatives "
+                "are drawn",
+                t.negative_fraction,
+                t.negatives,
+            )
         if self.ctx.is_main:  # the data is usable: now the run folder is created
             # leftovers of a run killed while writing (atomic writes: the targets themselves are whole)
             remove_stale_temporaries(

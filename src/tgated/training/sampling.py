@@ -4,17 +4,24 @@ A **sample** is ``(volume, centre slice, organ)``: the model sees the context wi
 slice and the organ's prompt, and learns the organ's mask on the centre slice.
 
 * **Positives**: every (slice, organ) where the organ has voxels on the model-grid slice.
-* **Negatives**: every (slice, organ) where the organ is labelled by the dataset
-  (:attr:`tgated.data.datasets.Case.labelled`) but absent from the slice. An organ the dataset does
-  not label (BTCV's duodenum) is never a sample at all (docs/architecture.md, Organs and dataset layouts).
+* **Negatives** (``train.negatives``):
+
+  - ``organ_absent`` (default): every (slice, organ) where the organ is labelled by the dataset
+    (:attr:`tgated.data.datasets.Case.labelled`) but absent from the slice; drawn uniformly.
+  - ``label_free`` (the published code's): only slices without any labelled voxel, each paired with
+    every organ the case labels; an organ's pairs are drawn in proportion to ``w_o · P_o`` (below),
+    as the published code pairs label-free slices with organs in proportion to their positive counts
+    and weighs them by the organ's weight.
+
+  An organ the dataset does not label (BTCV's duodenum) is never a sample at all
+  (docs/architecture.md, Organs and dataset layouts).
 * Only the model's organs are targets.
 
-Each epoch draws ``n`` samples with replacement: ``round(n · negative_fraction)`` negatives, drawn
-uniformly from the negatives (the reference recipe's 10 % label-free samples), and positives drawn
-with probability proportional to their organ's weight (``train.organ_weights``; organs not listed
-weigh 1), so organ ``o`` appears about ``w_o · P_o / Σ_p w_p P_p`` of the positive draws, ``P_o``
-being its number of positive slices. The order depends only on ``(seed, epoch)``, never on the
-number of processes.
+Each epoch draws ``n`` samples with replacement: ``round(n · negative_fraction)`` negatives and
+positives drawn with probability proportional to their organ's weight (``train.organ_weights``;
+organs not listed weigh 1), so organ ``o`` appears about ``w_o · P_o / Σ_p w_p P_p`` of the positive
+draws, ``P_o`` being its number of positive slices. The order depends only on ``(seed, epoch)``,
+never on the number of processes.
 
 Volumes are preprocessed once (:func:`preprocess_volume`): canonical volume → intensity window
 for its modality → axial slices (inferior → superior) → model grid, stored as float16 in [0, 1];
@@ -148,6 +155,8 @@ class SampleIndex:
     """(Q, 3) int64 rows (volume, slice, organ id)."""
     pos_weight: np.ndarray
     """(P,) float64 sampling weight of each positive (its organ's weight)."""
+    neg_weight: np.ndarray | None = None
+    """(Q,) float64 sampling weights of the negatives, or None: uniform."""
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Positive and negative slice counts per organ name."""
@@ -161,15 +170,23 @@ class SampleIndex:
         return out
 
 
+NEGATIVE_KINDS = ("organ_absent", "label_free")
+"""The values of ``train.negatives``."""
+
+
 def build_sample_index(
     volumes: Sequence[TrainVolume],
     organs: Sequence[int],
     organ_weights: Mapping[str, float] | None = None,
+    negatives: str = "organ_absent",
 ) -> SampleIndex:
-    """Index the positives and negatives of ``volumes`` for the organ ids ``organs`` (the model's).
+    """Index the positives and negatives of ``volumes`` for the organ ids ``organs`` (the model's);
+    ``negatives`` is ``train.negatives`` (module docstring).
 
     An organ is a target of a volume only if the volume's dataset labels it (``labelled``).
     """
+    if negatives not in NEGATIVE_KINDS:
+        raise ValueError(f"train.negatives={negatives!r}: expected one of {', '.join(NEGATIVE_KINDS)}")
     weights = resolve_organ_weights(organ_weights or {})
     wanted = np.zeros(256, dtype=bool)
     wanted[[int(o) for o in organs]] = True
@@ -183,12 +200,25 @@ def build_sample_index(
             continue
         lab = vol.labels.reshape(vol.num_slices, -1).numpy()
         present = np.stack([np.bincount(row, minlength=256)[ids] > 0 for row in lab])  # (Z, O)
-        for rows, mask in ((pos_rows, present), (neg_rows, ~present)):
+        absent = ~present
+        if negatives == "label_free":
+            absent &= (lab.max(axis=1) == 0)[:, None]
+        for rows, mask in ((pos_rows, present), (neg_rows, absent)):
             z, j = np.nonzero(mask)
             rows.append(np.stack([np.full(z.shape, v), z, ids[j]], axis=1))
     pos = np.concatenate(pos_rows).astype(np.int64) if pos_rows else np.zeros((0, 3), np.int64)
     neg = np.concatenate(neg_rows).astype(np.int64) if neg_rows else np.zeros((0, 3), np.int64)
-    return SampleIndex(pos=pos, neg=neg, pos_weight=weights[pos[:, 2]] if len(pos) else np.zeros(0))
+    neg_weight = None
+    if negatives == "label_free" and len(neg):
+        # organ o's negatives share w_o · P_o of the draws, spread evenly over its negative pairs
+        per_organ = np.bincount(pos[:, 2], weights=weights[pos[:, 2]], minlength=256)  # w_o · P_o
+        neg_per_organ = np.bincount(neg[:, 2], minlength=256)
+        neg_weight = per_organ[neg[:, 2]] / neg_per_organ[neg[:, 2]]
+        if neg_weight.sum() <= 0:  # no positives to take proportions from
+            neg_weight = np.ones(len(neg))
+    return SampleIndex(
+        pos=pos, neg=neg, pos_weight=weights[pos[:, 2]] if len(pos) else np.zeros(0), neg_weight=neg_weight
+    )
 
 
 def epoch_size(index: SampleIndex, negative_fraction: float) -> int:
@@ -222,7 +252,11 @@ def epoch_samples(
         rows = index.pos[rng.choice(len(index.pos), size=n_pos, replace=True, p=p)]
         parts.append(np.concatenate([rows, np.zeros((n_pos, 1), np.int64)], axis=1))
     if n_neg:
-        rows = index.neg[rng.integers(0, len(index.neg), size=n_neg)]
+        if index.neg_weight is None:
+            rows = index.neg[rng.integers(0, len(index.neg), size=n_neg)]
+        else:
+            p = index.neg_weight / index.neg_weight.sum()
+            rows = index.neg[rng.choice(len(index.neg), size=n_neg, replace=True, p=p)]
         parts.append(np.concatenate([rows, np.ones((n_neg, 1), np.int64)], axis=1))
     out = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
     return out[rng.permutation(len(out))]
