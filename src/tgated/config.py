@@ -188,6 +188,11 @@ class ModelConfig:
     adapt_layers: list[int] = field(default_factory=lambda: [9])
     """Which extracted encoder layers are adapted; the decoder still reads all of them."""
     train_backbone: bool = False
+    """Fine-tune the CLIP vision tower at ``train.lr_backbone`` (false: frozen, its tokens can be cached)."""
+    train_text: bool = False
+    """Fine-tune the CLIP text transformer at ``train.lr_text`` (``conditioning: text`` only), as the
+    published code does; its output projection stays frozen (the published code leaves it out of its
+    optimizer). False: frozen, each prompt's embedding computed once and cached."""
     conditioning: Literal["auto", "text", "learned"] = "auto"
     """How the decoder is told which organ to segment: ``text`` = the frozen text tower's prompt
     embedding (the paper); ``learned`` = a trainable embedding per organ, initialised from the text
@@ -258,6 +263,8 @@ class TrainConfig:
     lr_decoder: float = 1e-4
     lr_backbone: float = 1e-6
     """Learning rate of the CLIP vision tower (used with ``model.train_backbone: true``)."""
+    lr_text: float = 1e-6
+    """Learning rate of the CLIP text transformer (used with ``model.train_text: true``)."""
     lr_conditioning: float = 1e-4
     """Learning rate of the learned organ embeddings (``model.conditioning: learned``)."""
     weight_decay: float = 1e-4

@@ -290,8 +290,9 @@ def _loss(model: TGatedModel, seed: int) -> torch.Tensor:
         {"variant": "reference"},
         {"adapter": "none", "train_backbone": True},
         {"gate": False, "spatial": False},
+        {"variant": "reference", "train_backbone": True, "train_text": True, "conditioning": "text"},
     ],
-    ids=["standard", "train-backbone", "reference", "baseline", "no-gate-no-spatial"],
+    ids=["standard", "train-backbone", "reference", "baseline", "no-gate-no-spatial", "published-towers"],
 )
 def test_every_trainable_parameter_gets_a_gradient(make_model, changes) -> None:
     torch.manual_seed(0)
@@ -368,6 +369,59 @@ def test_train_backbone_updates_the_vision_layers_used(make_model) -> None:
     assert not any(
         p.requires_grad for n, p in model.named_parameters() if n.startswith(f"{vis}encoder.layers.3.")
     )
+
+
+def test_train_text_updates_the_text_transformer_and_never_reuses_stale_embeddings(make_model) -> None:
+    """``train_text``: the text transformer (not its output projection) is its own group and changes
+    in training; training forwards compute the prompt embeddings with gradients, and the cached
+    embeddings used outside training follow the weights after every optimizer step."""
+    model = make_model(train_text=True, conditioning="text")
+    groups = model.param_groups()
+    text_params = {id(p) for p in model.backbone.clip.text_model.parameters()}
+    assert {id(p) for p in groups["text"]} == text_params
+    assert not groups["backbone"] and not model.backbone.clip.text_projection.weight.requires_grad
+    organs = torch.tensor([1, 4])
+
+    def fresh() -> torch.Tensor:  # the embeddings computed from the current weights, no cache
+        with torch.no_grad():
+            return torch.cat([model._encode_prompt(model.prompt(o)) for o in (1, 4)])
+
+    model.eval()
+    cached = model.organ_embeddings(organs)
+    torch.testing.assert_close(cached, fresh(), rtol=0, atol=0)
+    before = _snapshot(model)
+    _train(model, steps=2)
+    assert all(_changed(before, model, "backbone.clip.text_model.").values())
+    assert not any(_changed(before, model, "backbone.clip.text_projection.").values())
+    assert not any(_changed(before, model, "backbone.clip.vision_model.").values())
+    model.eval()
+    now = model.organ_embeddings(organs)
+    assert (now - cached).abs().max() > 1e-6  # not the stale cache
+    torch.testing.assert_close(now, fresh(), rtol=0, atol=0)
+    torch.testing.assert_close(model.organ_conditioning(list(model.organs))[[0, 3]], now, rtol=0, atol=0)
+    # a training forward takes its embeddings with gradients (not from the cache) ...
+    model.train()
+    live = model.organ_embeddings(torch.tensor([4, 1, 4]))
+    assert live.requires_grad
+    torch.testing.assert_close(live.detach(), now[[1, 0, 1]], rtol=1e-6, atol=1e-6)
+    # ... and a weight change by other means (load_state_dict, in-place edits) drops the cache too
+    model.eval()
+    with torch.no_grad():
+        model.backbone.clip.text_model.final_layer_norm.bias.add_(0.5)
+    torch.testing.assert_close(model.organ_embeddings(organs), fresh(), rtol=0, atol=0)
+
+
+def test_frozen_text_tower_is_not_a_group_and_its_embeddings_come_from_the_cache(make_model) -> None:
+    model = make_model(conditioning="text").train()
+    assert model.param_groups()["text"] == []
+    emb = model.organ_embeddings(torch.tensor([1, 4]))
+    assert not emb.requires_grad and set(model._text_cache) == {model.prompt(o) for o in ORGANS}
+
+
+def test_train_text_needs_text_conditioning(make_model) -> None:
+    with pytest.raises(ValueError, match=r"model.train_text=true with model.conditioning='learned': expected "
+                       r"conditioning: text"):
+        make_model(train_text=True)  # a random backbone resolves conditioning auto to learned
 
 
 def _backbone(**changes):

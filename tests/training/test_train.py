@@ -119,6 +119,86 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
     assert done.best_dice == full.best_dice
 
 
+REFERENCE_RECIPE = [
+    "model.variant=reference",
+    "model.train_backbone=true",
+    "model.train_text=true",
+    "model.conditioning=text",
+    "model.adapter_config.temporal_out_init=normal",
+    "model.adapter_config.spatial_out_init=normal",
+    "model.adapter_config.attention_init=xavier",
+    "train.lr_adapter=5e-3",
+    "train.lr_decoder=1e-3",
+    "train.lr_backbone=1e-4",
+    "train.lr_text=1e-4",
+    "train.schedule_step=epoch",
+    "train.warm_restart_epochs=2",
+    "train.min_lr=1e-5",
+    "train.min_lr_ratio=0.0",
+    "train.negatives=label_free",
+    "train.negative_fraction=0.3",
+    "train.flip_lr=0.5",
+    "train.flip_lateral=skip",
+    "train.rotate_deg=5.0",
+    "train.scale=0.0",
+    "train.intensity=0.0",
+]
+"""The published recipe's keys on the tiny model (its rates scaled up so that a few steps show)."""
+
+
+def test_reference_recipe_resumes_exactly_and_follows_the_epoch_schedule(tiny_cfg, tmp_path):
+    """The published recipe's keys together (trained text and vision towers, per-epoch schedule with
+    an absolute minimum, label-free negatives, the published flip rule and initialisations): a run
+    interrupted mid-epoch and resumed ends with the same weights and log as an uninterrupted one, and
+    each epoch's rates are PyTorch's warm-restart values."""
+    base = [*REFERENCE_RECIPE, "train.epochs=3", "train.steps_per_epoch=2", "train.batch_size=2",
+            "train.checkpoint_every=1", "train.val_every=3"]
+    full = train(tiny_cfg(*base), out=tmp_path / "full", quiet=True)
+    part = train(tiny_cfg(*base, "train.max_steps=3"), out=tmp_path / "part", quiet=True)
+    assert not part.finished and part.steps == 3
+    ckpt = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["pos"], ckpt["step"]) == (1, 1, 3)  # mid-epoch 2
+    done = train(tiny_cfg(*base), out=tmp_path / "part", resume=True, quiet=True)
+    assert done.finished and done.steps == full.steps == 6
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6
+    rows = log_rows(tmp_path / "full")
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+    assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in log_rows(tmp_path / "part")]
+    # per-epoch rates: epoch 1 at the base, epoch 2 half-way to min_lr, epoch 3 restarted
+    for group, base_lr in (("adapter", 5e-3), ("decoder", 1e-3), ("backbone", 1e-4), ("text", 1e-4)):
+        got = [float(r[f"lr_{group}"]) for r in rows]
+        assert got == pytest.approx([base_lr, 1e-5 + (base_lr - 1e-5) * 0.5, base_lr], rel=1e-9), group
+    # both towers trained: their weights left the initial values
+    from tgated.models.tgated import TGatedModel
+
+    init = TGatedModel.from_config(tiny_cfg(*base).model).state_dict()
+    for prefix in ("backbone.clip.text_model.encoder.", "backbone.clip.vision_model.encoder."):
+        keys = [k for k in a if k.startswith(prefix)]
+        assert keys and all(not torch.equal(a[k], init[k]) for k in keys), prefix
+    assert torch.equal(a["backbone.clip.text_projection.weight"], init["backbone.clip.text_projection.weight"])
+
+
+def test_trained_text_tower_with_cached_vision_tokens(tiny_cfg, tmp_path):
+    """A frozen vision tower's token cache stays exact while the text tower trains: cached and
+    uncached runs give the same losses and weights, and the text weights change."""
+    common = ["train.augment=false", "train.epochs=1", "train.steps_per_epoch=3", *no_dropout(),
+              "model.conditioning=text", "model.train_text=true", "train.lr_text=1e-2", "train.val_every=5"]
+    off = train(tiny_cfg(*common, "train.cache_tokens='off'"), out=tmp_path / "off", quiet=True)
+    mem = train(tiny_cfg(*common, "train.cache_tokens=auto"), out=tmp_path / "memory", quiet=True)
+    loss_off, loss_mem = (float(log_rows(r.run_dir)[0]["loss"]) for r in (off, mem))
+    assert loss_mem == pytest.approx(loss_off, abs=1e-5)
+    a, b = weights(off.run_dir), weights(mem.run_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    from tgated.models.tgated import TGatedModel
+
+    init = TGatedModel.from_config(tiny_cfg(*common).model).state_dict()
+    key = "backbone.clip.text_model.encoder.layers.0.mlp.fc1.weight"
+    assert (b[key] - init[key]).abs().max() > 1e-4
+    assert float(log_rows(mem.run_dir)[0]["lr_text"]) > 0
+
+
 def test_resume_checks_the_config_and_the_checkpoint(tiny_cfg, tmp_path):
     run = tmp_path / "run"
     train(tiny_cfg("train.epochs=1", "train.steps_per_epoch=1"), out=run, quiet=True)

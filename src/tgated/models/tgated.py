@@ -260,6 +260,12 @@ class TGatedModel(nn.Module):
         if cfg.conditioning == "auto":  # a random text tower cannot tell the prompts apart
             cfg.conditioning = "learned" if cfg.backbone.source == "random" else "text"
         self.conditioning = cfg.conditioning
+        if cfg.train_text and self.conditioning != "text":
+            raise ValueError(
+                f"model.train_text=true with model.conditioning={self.conditioning!r}: expected "
+                "conditioning: text (the learned organ embeddings do not read the text tower, so it would "
+                "not train) — set model.conditioning=text or model.train_text=false"
+            )
         self.organ_embedding: nn.Parameter | None = None
         if self.conditioning == "learned":
             # filled by from_config (text or orthogonal init) or by from_pretrained (saved values)
@@ -272,6 +278,8 @@ class TGatedModel(nn.Module):
             self.prompts[get_organ(key).name] = str(prompt)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._table_memo: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._text_version: int | None = None  # the text weights' version the caches were filled from
+        self._tokens_memo: dict[str, dict[str, torch.Tensor]] = {}
         self._set_trainable()
 
     # ---------------------------------------------------------------- construction helpers
@@ -311,6 +319,8 @@ class TGatedModel(nn.Module):
             vm.pre_layrnorm.requires_grad_(True)
             for layer in vm.encoder.layers[: self.deepest + 1]:
                 layer.requires_grad_(True)
+        if self.config.train_text:  # the transformer; text_projection stays frozen (module docstring)
+            self.backbone.clip.text_model.requires_grad_(True)
         self.decoder.requires_grad_(True)
         n_inputs = len(self.token_layers)
         for module in (*self.decoder.reduces[n_inputs:], *self.decoder.layers[n_inputs:]):
@@ -393,37 +403,67 @@ class TGatedModel(nn.Module):
         return self.prompts.get(o.name, o.prompt)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        self._text_cache.clear()
-        self._table_memo.clear()
+        self._clear_text_caches()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    @torch.no_grad()
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(O, projection_dim) conditional embeddings of ``prompts``, computed once per prompt.
+    def _clear_text_caches(self) -> None:
+        self._text_cache.clear()
+        self._table_memo.clear()
+        self._text_version = None
 
-        The text tower is frozen; each prompt is tokenised and encoded on its own (no padding),
-        so an embedding never depends on the other prompts.
-        """
+    def _text_weights_version(self) -> int:
+        """Sum of the text transformer's parameter version counters: it grows with every in-place
+        change of those weights (an optimizer step, ``load_state_dict``)."""
+        return sum(p._version for p in self.backbone.clip.text_model.parameters())
+
+    def _check_text_caches(self) -> None:
+        """With ``train_text`` the cached prompt embeddings are dropped once the text weights changed."""
+        if not self.config.train_text:
+            return
+        version = self._text_weights_version()
+        if self._text_version != version:
+            self._clear_text_caches()
+            self._text_version = version
+
+    def _text_trains_now(self) -> bool:
+        """True in a training forward of a model whose text tower trains: the prompt embeddings are
+        then computed with gradients, never taken from the cache."""
+        return bool(self.config.train_text and self.training and torch.is_grad_enabled())
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        """(1, projection_dim) embedding of one prompt, tokenised on its own (no padding), with the
+        text tower in eval mode; gradients flow when enabled and the tower is trainable."""
         if self.tokenizer is None:
             raise ValueError(
                 "this model has no tokenizer (built without weights); pass text embeddings instead"
             )
         text = self.backbone.clip
-        for p in prompts:
-            if p in self._text_cache:
-                continue
+        enc = self._tokens_memo.get(prompt)
+        if enc is None:
             max_len = int(self.backbone.config.text_config.max_position_embeddings)
-            enc = self.tokenizer(p, return_tensors="pt", truncation=True, max_length=max_len)
-            dev = text.text_projection.weight.device
-            was_training = text.training
-            text.eval()
-            try:
-                emb = text.get_text_features(
-                    input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev)
-                ).pooler_output
-            finally:
-                text.train(was_training)
-            self._text_cache[p] = emb[0].detach().float().cpu()
+            enc = dict(self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=max_len))
+            self._tokens_memo[prompt] = enc
+        dev = text.text_projection.weight.device
+        was_training = text.training
+        text.eval()
+        try:
+            return text.get_text_features(
+                input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev)
+            ).pooler_output
+        finally:
+            text.train(was_training)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(O, projection_dim) conditional embeddings of ``prompts``, computed once per prompt.
+
+        Each prompt is tokenised and encoded on its own (no padding), so an embedding never depends
+        on the other prompts. The cache is dropped when the text weights change (``train_text``).
+        """
+        self._check_text_caches()
+        for p in prompts:
+            if p not in self._text_cache:
+                self._text_cache[p] = self._encode_prompt(p)[0].detach().float().cpu()
         dev, dt = self.device, self.decoder.film_mul.weight.dtype
         return torch.stack([self._text_cache[p] for p in prompts]).to(dev, dt)
 
@@ -435,6 +475,11 @@ class TGatedModel(nn.Module):
             raise ValueError(f"organ ids must be canonical ids 1-{NUM_ORGANS}, got {ids.unique().tolist()}")
         if self.organ_embedding is not None:
             return self.organ_embedding[ids.to(self.organ_embedding.device).long() - 1]
+        if self._text_trains_now():  # each organ of the batch once, with gradients
+            unique, inverse = torch.unique(ids.long(), return_inverse=True)
+            emb = torch.cat([self._encode_prompt(self.prompt(int(o))) for o in unique.tolist()])
+            return emb.to(self.decoder.film_mul.weight.dtype)[inverse.to(emb.device)]
+        self._check_text_caches()
         key = (self.device, self.decoder.film_mul.weight.dtype)
         if key not in self._table_memo:
             emb = self.text_embeddings([self.prompt(o) for o in ORGANS])
@@ -621,13 +666,14 @@ class TGatedModel(nn.Module):
         return torch.stack(terms).sum()
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by learning-rate group: ``adapter``, ``decoder``, ``backbone``,
-        ``conditioning`` (the learned organ embeddings)."""
+        """Trainable parameters by learning-rate group: ``adapter``, ``decoder``, ``backbone`` (the
+        vision tower), ``conditioning`` (the learned organ embeddings), ``text`` (the text transformer)."""
         return {
             "adapter": [p for p in self.adapters.parameters() if p.requires_grad],
             "decoder": [p for p in self.decoder.parameters() if p.requires_grad],
-            "backbone": [p for p in self.backbone.clip.parameters() if p.requires_grad],
+            "backbone": [p for p in self.vision.parameters() if p.requires_grad],
             "conditioning": [self.organ_embedding] if self.organ_embedding is not None else [],
+            "text": [p for p in self.backbone.clip.text_model.parameters() if p.requires_grad],
         }
 
     def parameter_counts(self) -> dict[str, Any]:

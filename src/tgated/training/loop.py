@@ -12,10 +12,10 @@ What a run does
    vision tokens of every slice are computed once (``train.cache_tokens``, below).
 4. Each epoch draws its samples (:func:`~tgated.training.sampling.epoch_samples`), augments each
    with its own generator (:mod:`tgated.training.augment`), and optimises BCE + soft Dice + the gate
-   regulariser with AdamW (groups ``adapter`` / ``decoder`` / ``backbone`` at ``lr_adapter`` /
-   ``lr_decoder`` / ``lr_backbone``), a cosine schedule with warm restarts (:func:`scheduled_lr`:
-   moved per optimizer step or per epoch, down to ``min_lr`` / ``min_lr_ratio``),
-   gradient clipping, gradient accumulation, and AMP on CUDA (bf16, or fp16 with a GradScaler).
+   regulariser with AdamW (groups ``adapter`` / ``decoder`` / ``backbone`` / ``text`` at
+   ``lr_adapter`` / ``lr_decoder`` / ``lr_backbone`` / ``lr_text``), a cosine schedule with warm
+   restarts (:func:`scheduled_lr`: moved per optimizer step or per epoch, down to ``min_lr`` /
+   ``min_lr_ratio``), gradient clipping, gradient accumulation, and AMP on CUDA (bf16, or fp16 with a GradScaler).
 5. Every ``val_every`` epochs (and after the last), each validation volume is segmented by the
    predictor of ``tgated predict`` (:class:`tgated.inference.predictor.Predictor`) and scored with
    3-D Dice per labelled organ (organs absent from both masks are skipped); mean Dice = mean over
@@ -137,7 +137,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 )
 """Config keys that may differ between a run's ``config.yaml`` and the config given to resume it."""
 
-GROUPS: tuple[str, ...] = ("adapter", "decoder", "backbone", "conditioning")
+GROUPS: tuple[str, ...] = ("adapter", "decoder", "backbone", "conditioning", "text")
 LOG_COLUMNS: tuple[str, ...] = (
     "epoch",
     "step",
@@ -240,6 +240,7 @@ def check_config(cfg: ExperimentConfig) -> None:
         "lr_decoder",
         "lr_backbone",
         "lr_conditioning",
+        "lr_text",
         "weight_decay",
         "grad_clip",
         "cache_max_gb",
@@ -670,6 +671,7 @@ class _Trainer:
             "decoder": t.lr_decoder,
             "backbone": t.lr_backbone,
             "conditioning": t.lr_conditioning,
+            "text": t.lr_text,
         }
         check_min_lr(t, {f"train.lr_{name}": lrs[name] for name, ps in groups.items() if ps})
         self.optimizer = torch.optim.AdamW(
