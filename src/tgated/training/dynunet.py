@@ -1,8 +1,8 @@
 """``tgated train`` for ``model.model_type: dynunet``: the 3-D DynUNet baseline (MONAI).
 
-The run folder, resume rules, checkpoints, DDP and validation are those of T-Gated
-(:mod:`tgated.training.loop`, :mod:`tgated.training.checkpoint`, :mod:`tgated.training.distributed`);
-what differs is the data and the network:
+The run folder, resume rules, the epoch runner, checkpoints and DDP are those of T-Gated
+(:class:`tgated.training.trainer.Trainer`, the base of both trainers); what differs is the data, the
+network, the loss and the validation:
 
 * Each training volume is read once, normalised (``model.preprocess``), resampled to
   ``model.dynunet.spacing`` and cropped to its foreground (:func:`tgated.models.dynunet.preprocessing`),
@@ -24,9 +24,6 @@ what differs is the data and the network:
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import logging
 import math
 import time
@@ -36,22 +33,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from tgated.config import ExperimentConfig, dump_yaml
-from tgated.io.files import atomic_write_json, atomic_write_text, remove_stale_temporaries, replace_dir
+from tgated.config import ExperimentConfig
 from tgated.progress import progress
 from tgated.training.augment import sample_rng
-from tgated.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tgated.training.distributed import DistContext
-from tgated.training.loop import (
-    TrainResult,
-    _splits,
-    check_min_lr,
-    prepare_run,
-    resolve_precision,
-    scheduled_lr,
-)
+from tgated.training.loop import check_min_lr, scheduled_lr
+from tgated.training.trainer import RankBatches, Trainer, split_cases
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +149,7 @@ def patch_transform(cfg: ExperimentConfig) -> Any:
     )
 
 
-class _PatchBatches(Dataset):
+class _PatchBatches(RankBatches):
     """Item ``i`` = this rank's share of the epoch's ``i``-th batch of patches."""
 
     def __init__(
@@ -169,27 +157,21 @@ class _PatchBatches(Dataset):
         order: np.ndarray,
         sources: Sequence[dict[str, Any]],
         cfg: ExperimentConfig,
-        seed,
-        epoch,
-        rank,
-        world,
-    ):
-        self.order, self.sources, self.cfg = order, sources, cfg
+        seed: Sequence[int],
+        epoch: int,
+        rank: int,
+        world: int,
+    ) -> None:
+        super().__init__(order, cfg.train.batch_size, rank, world)
+        self.sources, self.cfg = sources, cfg
         self.seed, self.epoch = list(seed), epoch
-        self.batch = cfg.train.batch_size
-        self.local = self.batch // world
-        self.rank = rank
         self.transform = patch_transform(cfg)
 
-    def __len__(self) -> int:
-        return len(self.order) // self.batch
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        start = i * self.batch + self.rank * self.local
         images, labels = [], []
-        for j, v in enumerate(self.order[start : start + self.local].tolist()):
+        for sample, v in self.rows(i):
             src = self.sources[v]
-            rng = sample_rng(self.seed, self.epoch, start + j)
+            rng = sample_rng(self.seed, self.epoch, sample)
             self.transform.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
             out = self.transform(
                 {"image": src["image"], "label": src["label"], "fg": src["fg"], "bg": src["bg"]}
@@ -200,38 +182,22 @@ class _PatchBatches(Dataset):
         return {"image": torch.stack(images), "label": torch.stack(labels)}
 
 
-class DynUNetTrainer:
-    """The DynUNet counterpart of :class:`tgated.training.loop._Trainer` (same run folder and resume)."""
+class DynUNetTrainer(Trainer):
+    """The DynUNet trainer: its patches, network, loss and validation; the run mechanics (run folder,
+    epochs, checkpoints, resume, DDP) are :class:`~tgated.training.trainer.Trainer`'s."""
 
     def __init__(self, cfg: ExperimentConfig, run: Path, ctx: DistContext, resume: bool, quiet: bool) -> None:
         check_dynunet_train_config(cfg)
-        self.cfg, self.t, self.run, self.ctx = cfg, cfg.train, run, ctx
-        self.quiet = quiet or not ctx.is_main
-        self.seed = [int(cfg.seed), int(cfg.train.seed)]
-        self.device = ctx.device
-        self.amp_dtype = resolve_precision(self.t.precision, self.device)
-        if self.t.batch_size % ctx.world_size:
-            raise ValueError(
-                f"train.batch_size={self.t.batch_size} is not divisible by the {ctx.world_size} processes; "
-                f"it is the global batch (each process takes batch_size / {ctx.world_size}) — use a multiple"
-            )
-        self.ckpt_path = prepare_run(cfg, run, resume)
-        ctx.barrier()
-        self.history: list[dict[str, Any]] = []
-        self.val_best: dict[str, Any] | None = None
-        self.val_latest: dict[str, Any] | None = None
-
-    def info(self, msg: str, *args: Any) -> None:
-        logger.log(logging.INFO if self.ctx.is_main else logging.DEBUG, msg, *args)
+        super().__init__(cfg, run, ctx, resume, quiet)
+        self.log_columns = list(LOG_COLUMNS)
 
     def setup(self) -> None:
         from monai.losses import DiceCELoss
 
-        from tgated.data.datasets import write_splits
         from tgated.models.dynunet import DynUNetModel
 
         cfg, t = self.cfg, self.t
-        self.splits, cases = _splits(cfg, self.run, self.ckpt_path is not None)
+        self.splits, cases = split_cases(cfg, self.run, self.ckpt_path is not None)
         train_cases = [cases[c] for c in self.splits["train"]]
         val_ids = self.splits.get("val", [])[: t.val_max_cases or None]
         self.val_cases = [cases[c] for c in val_ids]
@@ -254,28 +220,8 @@ class DynUNetTrainer:
             sum(s["image"].numel() * 5 for s in self.sources) / 1e6,
             len(self.val_cases),
         )
-        if self.ctx.is_main:
-            remove_stale_temporaries(
-                self.run, ["config.yaml", "splits.json", "log.csv", "val.json", "model", "model.old"]
-            )
-            remove_stale_temporaries(self.run / "checkpoints", ["last.pt"])
-            self.run.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run / "config.yaml", dump_yaml(cfg))
-            write_splits(self.run / "splits.json", self.splits)
-        b, a = t.batch_size, t.grad_accum
-        per_epoch = len(self.sources) * t.dynunet.samples_per_volume
-        self.micro_per_epoch = (
-            t.steps_per_epoch * a if t.steps_per_epoch else max(a, (per_epoch // b) // a * a)
-        )
-        self.steps_per_epoch = self.micro_per_epoch // a
-        self.info(
-            "%d epochs × %d optimizer steps (batch %d × accumulation %d, %d processes)",
-            t.epochs,
-            self.steps_per_epoch,
-            b,
-            a,
-            self.ctx.world_size,
-        )
+        self._write_run_files(self.splits)
+        self._plan_batches(len(self.sources) * t.dynunet.samples_per_volume)
         check_min_lr(t, {"train.dynunet.lr": t.dynunet.lr})
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=t.dynunet.lr, weight_decay=t.weight_decay
@@ -286,72 +232,11 @@ class DynUNetTrainer:
         heads = 1 + (cfg.model.dynunet.deep_supr_num if cfg.model.dynunet.deep_supervision else 0)
         w = np.array([0.5**i for i in range(heads)])
         self.head_weights = (w / w.sum()).tolist()
-        self.net: Any = self.model
-        if self.ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        self.epoch, self.pos, self.step = 0, 0, 0
-        self.loss_sums = [0.0, 0.0]  # loss × samples, samples
-        self.best_dice: float | None = None
-        self.best_epoch: int | None = None
+        self._wrap_ddp()
         if self.ckpt_path is not None:
-            self._restore(load_checkpoint(self.ckpt_path))
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "model": {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "pos": self.pos,
-            "step": self.step,
-            "micro_per_epoch": self.micro_per_epoch,
-            "world_size": self.ctx.world_size,
-            "loss_sums": self.ctx.all_reduce_sum(self.loss_sums),
-            "best_dice": self.best_dice,
-            "best_epoch": self.best_epoch,
-            "history": self.history,
-            "val_best": self.val_best,
-            "val_latest": self.val_latest,
-            "rng": self.ctx.all_gather(rng_state()),
-        }
-
-    def _checkpoint(self) -> None:
-        state = self._state()
-        if self.ctx.is_main:
-            save_checkpoint(self.run / "checkpoints" / "last.pt", state)
-        self.ctx.barrier()
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("micro_per_epoch") != self.micro_per_epoch:
-            raise ValueError(
-                f"{self.ckpt_path}: the checkpoint was taken with {state.get('micro_per_epoch')} batches per epoch, "
-                f"this data gives {self.micro_per_epoch}: the training data changed since — restore it or start a new run"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.pos, self.step = int(state["epoch"]), int(state["pos"]), int(state["step"])
-        sums = [float(x) for x in state["loss_sums"]]
-        self.loss_sums = [s / self.ctx.world_size for s in sums]  # all-reduced again at the epoch's end
-        self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
-        self.history = list(state["history"])
-        self.val_best, self.val_latest = state["val_best"], state["val_latest"]
-        rngs = state["rng"]
-        set_rng_state(rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0])
-        self.info("resumed %s at epoch %d, step %d", self.ckpt_path, self.epoch + 1, self.step)
+            self._load_checkpoint()
 
     # ------------------------------------------------------------------ training
-
-    def _autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _epoch_order(self) -> np.ndarray:
         per = self.t.dynunet.samples_per_volume
@@ -366,9 +251,8 @@ class DynUNetTrainer:
             return sum(w * self.loss_fn(out[:, i], label) for i, w in enumerate(self.head_weights))
         return self.loss_fn(out, label)
 
-    def _train_epoch(self) -> bool:
-        t = self.t
-        data = _PatchBatches(
+    def _epoch_data(self) -> _PatchBatches:
+        return _PatchBatches(
             self._epoch_order(),
             self.sources,
             self.cfg,
@@ -377,65 +261,22 @@ class DynUNetTrainer:
             self.ctx.rank,
             self.ctx.world_size,
         )
-        loader = DataLoader(
-            data,
-            batch_size=None,
-            sampler=range(self.pos, self.micro_per_epoch),
-            num_workers=t.num_workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(self.epoch),
-        )
-        bar = progress(
-            total=self.micro_per_epoch,
-            initial=self.pos,
-            desc=f"epoch {self.epoch + 1}/{t.epochs}",
-            unit="batch",
-            quiet=self.quiet,
-            lines=False,  # one line per epoch is logged after it
-            leave=False,
-        )
-        self.net.train()
-        a = t.grad_accum
-        for mb, batch in zip(range(self.pos, self.micro_per_epoch), loader, strict=True):
-            last = (mb + 1) % a == 0
-            sync = self.net.no_sync() if self.ctx.distributed and not last else contextlib.nullcontext()
-            image = batch["image"].to(self.device, non_blocking=True)
-            label = batch["label"].to(self.device, non_blocking=True)
-            with sync:
-                with self._autocast():
-                    out = self.net(image)
-                loss = self._loss(out.float(), label)
-                self.scaler.scale(loss / a).backward()
-            n = int(image.shape[0])
-            self.loss_sums[0] += float(loss.detach()) * n
-            self.loss_sums[1] += n
-            bar.update(1)
-            if last:
-                for g in self.optimizer.param_groups:
-                    g["lr"] = scheduled_lr(
-                        self.base_lr, t, step=self.step, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch
-                    )
-                if t.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.pos = mb + 1
-                stop = bool(t.max_steps) and self.step >= t.max_steps
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or stop:
-                    self._checkpoint()
-                if stop:
-                    bar.close()
-                    self.info(
-                        "stopped at train.max_steps=%d (epoch %d); continue with --resume",
-                        t.max_steps,
-                        self.epoch + 1,
-                    )
-                    return False
-        bar.close()
-        return True
+
+    def _batch_loss(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, int, tuple[torch.Tensor, ...]]:
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        with self._autocast():
+            out = self.net(image)
+        loss = self._loss(out.float(), label)
+        return loss, int(image.shape[0]), (loss,)
+
+    def _set_lr(self) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = scheduled_lr(
+                self.base_lr, self.t, step=self.step, epoch=self.epoch, steps_per_epoch=self.steps_per_epoch
+            )
 
     # ------------------------------------------------------------------ validation and logs
 
@@ -477,32 +318,16 @@ class DynUNetTrainer:
             "organs": organs,
         }
 
-    def _save_model(self) -> None:
-        if self.ctx.is_main:
-            replace_dir(self.run / "model", self.model.save_pretrained)
-
     def _end_epoch(self, started: float) -> None:
-        t = self.t
         val = None
-        if self.val_cases and ((self.epoch + 1) % t.val_every == 0 or self.epoch + 1 == t.epochs):
+        if self._validation_due():
             val = self._validate()
-            self.val_latest = val
-            d = val["mean_dice"]
-            if d is not None and (self.best_dice is None or d > self.best_dice):
-                self.best_dice, self.best_epoch, self.val_best = d, self.epoch + 1, val
-                self._save_model()
-                self.info(
-                    "epoch %d: new best validation mean Dice %.4f -> %s",
-                    self.epoch + 1,
-                    d,
-                    self.run / "model",
-                )
-        sums = self.ctx.all_reduce_sum(self.loss_sums)
+            self._record_validation(val)
         row = {
             "epoch": self.epoch + 1,
             "step": self.step,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "loss": sums[0] / max(sums[1], 1.0),
+            **self._epoch_losses(),
             "val_dice": "" if val is None or val["mean_dice"] is None else val["mean_dice"],
             "time_s": round(time.perf_counter() - started, 3),
         }
@@ -510,42 +335,9 @@ class DynUNetTrainer:
         self.info(
             "epoch %d/%d: loss %.4f%s",
             self.epoch + 1,
-            t.epochs,
+            self.t.epochs,
             row["loss"],
             f", val mean Dice {row['val_dice']:.4f}" if row["val_dice"] != "" else "",
         )
-        if self.ctx.is_main:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(LOG_COLUMNS), lineterminator="\n")
-            writer.writeheader()
-            for r in self.history:
-                writer.writerow({k: r.get(k, "") for k in LOG_COLUMNS})
-            atomic_write_text(self.run / "log.csv", buf.getvalue())
-            atomic_write_json(
-                self.run / "val.json", {"metric": "dice", "best": self.val_best, "latest": self.val_latest}
-            )
-        self.epoch += 1
-        self.pos = 0
-        self.loss_sums = [0.0, 0.0]
-        self._checkpoint()
-
-    def run_all(self) -> TrainResult:
-        self.setup()
-        finished = True
-        while self.epoch < self.t.epochs:
-            started = time.perf_counter()
-            if not self._train_epoch():
-                finished = False
-                break
-            self._end_epoch(started)
-        if finished and not (self.run / "model" / "config.json").is_file():
-            if not self.val_cases:
-                logger.warning(
-                    "no validation cases: %s holds the model of the last epoch", self.run / "model"
-                )
-            self._save_model()
-        self.ctx.barrier()
-        return TrainResult(self.run, self.best_dice, self.best_epoch, self.epoch, self.step, finished)
-
-    def close(self) -> None:
-        pass
+        self._write_logs()
+        self._next_epoch()

@@ -1,5 +1,8 @@
 """``tgated train``: the training loop, the run folder and exact resume (docs/architecture.md).
 
+This module holds the T-Gated trainer and :func:`train`; the mechanics it shares with the DynUNet
+trainer (run folder, epoch runner, checkpoints, resume) are :class:`tgated.training.trainer.Trainer`.
+
 What a run does
 ---------------
 1. Resolve the config (file + ``--set`` overrides, or an :class:`~tgated.config.ExperimentConfig`),
@@ -53,43 +56,30 @@ over the ranks and gathered; rank 0 writes the files.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
 import dataclasses
-import io
 import logging
 import math
 import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from tgated.config import (
-    ConfigError,
     ExperimentConfig,
     TrainConfig,
     apply_overrides,
     check_model_config,
-    dump_yaml,
     load_config,
     shorten,
-    to_dict,
 )
 from tgated.io.files import (
-    atomic_write_json,
-    atomic_write_text,
     check_inputs_spared,
-    is_temporary,
-    remove_stale_temporaries,
-    replace_dir,
 )
 from tgated.organs import Organ
 from tgated.progress import progress
@@ -99,13 +89,6 @@ from tgated.training.augment import (
     draw_transform,
     sample_rng,
     target_organ,
-)
-from tgated.training.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    state_digest,
 )
 from tgated.training.distributed import DistContext, init_distributed
 from tgated.training.losses import segmentation_loss
@@ -119,23 +102,21 @@ from tgated.training.sampling import (
     resolve_organ_weights,
 )
 from tgated.training.token_cache import TokenCache, build_token_cache, window_images
+from tgated.training.trainer import (
+    RESUMABLE_KEYS,
+    RankBatches,
+    Trainer,
+    TrainResult,
+    config_differences,
+    prepare_run,
+    resolve_precision,
+    split_cases,
+)
 
 if TYPE_CHECKING:
     from tgated.models.tgated import WindowPlan
 
 logger = logging.getLogger(__name__)
-
-RESUMABLE_KEYS: tuple[str, ...] = (
-    "train.epochs",
-    "train.max_steps",
-    "train.checkpoint_every",
-    "train.val_every",
-    "train.val_max_cases",
-    "train.tensorboard",
-    "train.device",
-    "train.num_workers",
-)
-"""Config keys that may differ between a run's ``config.yaml`` and the config given to resume it."""
 
 GROUPS: tuple[str, ...] = ("adapter", "decoder", "backbone", "conditioning", "text")
 LOG_COLUMNS: tuple[str, ...] = (
@@ -155,24 +136,6 @@ LOG_COLUMNS: tuple[str, ...] = (
 VAL_BATCH_SIZE = 16
 VAL_CACHE_GB = 4.0
 """Validation volumes are kept in memory between validations up to this size."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What :func:`train` returns: where the run is and how it ended."""
-
-    run_dir: Path
-    """The run folder (``run_dir / "model"`` is the best model)."""
-    best_dice: float | None
-    """Best validation mean Dice (None when no validation ran)."""
-    best_epoch: int | None
-    """1-based epoch of the best validation."""
-    epochs: int
-    """Epochs completed."""
-    steps: int
-    """Optimizer steps taken."""
-    finished: bool
-    """False when the run stopped at ``train.max_steps`` before its last epoch."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,42 +245,6 @@ def check_config(cfg: ExperimentConfig) -> None:
         )
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and not key.endswith("organ_weights") and not key.endswith("prompts"):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ: ``{key: (value in a, value in b)}``."""
-    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
-    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """``train.precision`` → the autocast dtype (None = float32)."""
-    if device.type != "cuda":
-        if precision in ("auto", "fp32"):
-            return None
-        if precision == "bf16":
-            return torch.bfloat16
-        raise ValueError(
-            f"train.precision={precision!r} needs CUDA (GradScaler); on the CPU use fp32 (or bf16, or auto)"
-        )
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("train.precision='bf16': this GPU does not support bfloat16; use fp16 or auto")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
 def cosine_restart_factor(step: int, cycle_steps: int, min_ratio: float) -> float:
     """Learning-rate factor of optimizer step ``step`` (0-based) under cosine annealing with warm
     restarts every ``cycle_steps`` steps: 1 at each cycle's start, down to ``min_ratio``."""
@@ -352,117 +279,11 @@ def check_min_lr(t: TrainConfig, rates: dict[str, float]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# run folder
-# ---------------------------------------------------------------------------------------------
-
-
-def _run_entries(run: Path) -> list[str]:
-    if not run.exists():
-        return []
-    if not run.is_dir():
-        raise ValueError(f"{run}: exists and is not a folder; --out must be a run folder")
-    return sorted(
-        p.name for p in run.iterdir() if not is_temporary(p) and not p.name.startswith(".token-cache")
-    )
-
-
-def prepare_run(cfg: ExperimentConfig, run: Path, resume: bool) -> Path | None:
-    """Check ``run`` for a new run or a resume (read-only); returns the checkpoint to resume or None."""
-    entries = _run_entries(run)
-    if not entries:
-        if resume:
-            logger.info("%s: nothing to resume; starting a new run", run)
-        return None
-    if not resume:
-        raise ValueError(
-            f"{run}: run folder is not empty ({', '.join(entries[:5])}); pass --resume to continue that run, "
-            "or choose another --out"
-        )
-    cfg_file = run / "config.yaml"
-    if not cfg_file.is_file():
-        raise ValueError(
-            f"{run}: not a tgated run folder (no config.yaml, found {', '.join(entries[:5])}); cannot resume it — "
-            "choose another --out"
-        )
-    try:
-        saved = load_config(cfg_file)
-    except ConfigError as exc:
-        raise ValueError(f"{cfg_file}: cannot be read to resume the run ({exc})") from None
-    diffs = {k: v for k, v in config_differences(saved, cfg).items() if k not in RESUMABLE_KEYS}
-    if diffs:
-        listed = "; ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in list(diffs.items())[:8])
-        raise ValueError(
-            f"{run}: --resume with a config that differs from the run's {cfg_file.name} in {len(diffs)} key(s) "
-            f"({listed}); resume with the run's own config ({cfg_file}) — only {', '.join(RESUMABLE_KEYS)} may change"
-        )
-    ckpt = run / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
-        logger.warning("%s: no checkpoint yet (%s); starting the run from the beginning", run, ckpt)
-        return None
-    return ckpt
-
-
-def _splits(cfg: ExperimentConfig, run: Path, resuming: bool) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    """(split, cases by id) of the run's dataset."""
-    from tgated.data.datasets import default_split, discover, read_splits
-
-    data = cfg.data
-    cases = discover(
-        data.root,
-        data.layout,
-        labels=data.labels or None,
-        totalseg_task=data.totalseg_task or None,
-    )
-    ids = [c.case_id for c in cases]
-    if resuming and (run / "splits.json").is_file():
-        splits = read_splits(run / "splits.json", available=ids)
-    elif data.splits:
-        splits = read_splits(data.splits, available=ids)
-    else:
-        splits = default_split(ids, seed=data.split_seed, sizes=tuple(data.split_sizes))  # type: ignore[arg-type]
-    if not splits["train"]:
-        raise ValueError(
-            f"{data.splits or data.root}: the split has no training cases; give a splits.json with a 'train' list"
-        )
-    return splits, {c.case_id: c for c in cases}
-
-
-# ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LossMeter:
-    """Sums of the loss terms, each weighted by its batch's sample count, since the epoch began."""
-
-    total: float = 0.0
-    bce: float = 0.0
-    dice: float = 0.0
-    gate: float = 0.0
-    samples: float = 0.0
-
-    def add(self, n: int, total: float, bce: float, dice: float, gate: float) -> None:
-        self.total += total * n
-        self.bce += bce * n
-        self.dice += dice * n
-        self.gate += gate * n
-        self.samples += n
-
-    def as_list(self) -> list[float]:
-        """``[total, bce, dice, gate, samples]`` (the checkpoint's ``loss_sums``; summed over ranks)."""
-        return [self.total, self.bce, self.dice, self.gate, self.samples]
-
-    @classmethod
-    def from_list(cls, values: Sequence[float]) -> LossMeter:
-        return cls(*(float(v) for v in values))
-
-    def means(self) -> dict[str, float]:
-        n = max(self.samples, 1.0)
-        return {"loss": self.total / n, "loss_bce": self.bce / n, "loss_dice": self.dice / n, "loss_gate": self.gate / n}
-
-
-class _EpochBatches(Dataset):
+class _EpochBatches(RankBatches):
     """Item ``i`` = this rank's share of the epoch's ``i``-th forward batch (windows or tokens,
     binary masks of the centre slices, organ ids)."""
 
@@ -479,26 +300,19 @@ class _EpochBatches(Dataset):
         rank: int,
         world: int,
     ) -> None:
-        self.order = order
+        super().__init__(order, batch_size, rank, world)
         self.volumes = volumes
         self.plans = plans
         self.tokens = tokens
         self.cfg = train_cfg
         self.seed = list(seed)
         self.epoch = epoch
-        self.batch = batch_size
-        self.local = batch_size // world
-        self.rank = rank
-
-    def __len__(self) -> int:
-        return len(self.order) // self.batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        start = i * self.batch + self.rank * self.local
         inputs, masks, organs = [], [], []
-        for j, (v, z, organ, _neg) in enumerate(self.order[start : start + self.local].tolist()):
+        for sample, (v, z, organ, _neg) in self.rows(i):
             vol, plan = self.volumes[v], self.plans[v]
-            rng = sample_rng(self.seed, self.epoch, start + j)
+            rng = sample_rng(self.seed, self.epoch, sample)
             t = draw_transform(self.cfg, rng) if self.tokens is None else Transform()
             label_id, flip = target_organ(organ, t.flip, vol.labelled, self.cfg.flip_lateral)
             t = dataclasses.replace(t, flip=flip)
@@ -527,35 +341,19 @@ class _EpochBatches(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 
-class _Trainer:
+class _Trainer(Trainer):
+    """The T-Gated trainer: its data, model, optimizer groups, loss, validation and log row; the run
+    mechanics are :class:`~tgated.training.trainer.Trainer`'s."""
+
+    loss_names = ("loss", "loss_bce", "loss_dice", "loss_gate")
+
     def __init__(self, cfg: ExperimentConfig, run: Path, ctx: DistContext, resume: bool, quiet: bool) -> None:
-        self.cfg = cfg
-        self.t = cfg.train
-        self.run = run
-        self.ctx = ctx
-        self.quiet = quiet or not ctx.is_main
-        self.seed = [int(cfg.seed), int(cfg.train.seed)]
-        self.device = ctx.device
-        self.amp_dtype = resolve_precision(self.t.precision, self.device)
-        if self.t.batch_size % ctx.world_size:
-            raise ValueError(
-                f"train.batch_size={self.t.batch_size} is not divisible by the {ctx.world_size} processes; "
-                f"it is the global batch (each process takes batch_size / {ctx.world_size}) — use a multiple"
-            )
-        self.ckpt_path = prepare_run(cfg, run, resume)
-        ctx.barrier()
-        self.history: list[dict[str, Any]] = []
-        self.val_best: dict[str, Any] | None = None
-        self.val_latest: dict[str, Any] | None = None
+        super().__init__(cfg, run, ctx, resume, quiet)
         self._val_volumes: dict[str, tuple[Any, Any]] = {}
         self._tb: Any = None
         self._cache: TokenCache | None = None
 
     # ------------------------------------------------------------------ setup
-
-    def info(self, msg: str, *args: Any) -> None:
-        """Log at INFO on rank 0 (other ranks: DEBUG), so a message appears once per run."""
-        logger.log(logging.INFO if self.ctx.is_main else logging.DEBUG, msg, *args)
 
     def setup(self) -> None:
         """Data and model, the run folder, the schedule, the token cache, the optimizer, the state."""
@@ -566,12 +364,11 @@ class _Trainer:
 
     def _setup_data(self) -> None:
         """Split, model, training volumes and their sample index, the run folder, window plans."""
-        from tgated.data.datasets import write_splits
         from tgated.models.tgated import TGatedModel
 
         cfg, t = self.cfg, self.t
         resuming = self.ckpt_path is not None
-        self.splits, cases = _splits(cfg, self.run, resuming)
+        self.splits, cases = split_cases(cfg, self.run, resuming)
         self.train_cases = [cases[c] for c in self.splits["train"]]
         val_ids = self.splits.get("val", [])
         if t.val_max_cases:
@@ -616,36 +413,13 @@ class _Trainer:
                 t.negative_fraction,
                 t.negatives,
             )
-        if self.ctx.is_main:  # the data is usable: now the run folder is created
-            # leftovers of a run killed while writing (atomic writes: the targets themselves are whole)
-            remove_stale_temporaries(
-                self.run, ["config.yaml", "splits.json", "log.csv", "val.json", "model", "model.old"]
-            )
-            remove_stale_temporaries(self.run / "checkpoints", ["last.pt"])
-            self.run.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run / "config.yaml", dump_yaml(cfg))
-            write_splits(self.run / "splits.json", self.splits)
+        self._write_run_files(self.splits)  # the data is usable: now the run folder is created
         self.plans = [self.model.plan(v.num_slices, v.positions_mm) for v in self.volumes]
 
     def _setup_schedule(self) -> None:
         """Batches per epoch, optimizer steps, the warm-restart cycle; the token cache."""
         cfg, t = self.cfg, self.t
-        b, a = t.batch_size, t.grad_accum
-        if t.steps_per_epoch:
-            self.micro_per_epoch = t.steps_per_epoch * a
-        else:
-            n = epoch_size(self.index, t.negative_fraction)
-            self.micro_per_epoch = max(a, (n // b) // a * a)
-        self.steps_per_epoch = self.micro_per_epoch // a
-        self.samples_per_epoch = self.micro_per_epoch * b
-        self.info(
-            "%d epochs × %d optimizer steps (batch %d × accumulation %d, %d processes)",
-            t.epochs,
-            self.steps_per_epoch,
-            b,
-            a,
-            self.ctx.world_size,
-        )
+        self._plan_batches(epoch_size(self.index, t.negative_fraction))
 
         self._cache = build_token_cache(
             self.model,
@@ -681,24 +455,13 @@ class _Trainer:
         )
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.net: Any = self.model
-        if self.ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.net = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            )
+        self._wrap_ddp()
 
     def _setup_state(self) -> None:
         """A fresh start (seeded) or the checkpoint's state; TensorBoard."""
         t = self.t
-        self.epoch, self.pos, self.step = 0, 0, 0
-        self.losses = LossMeter()
-        self.best_dice: float | None = None
-        self.best_epoch: int | None = None
         if self.ckpt_path is not None:
-            self._restore(load_checkpoint(self.ckpt_path))
+            self._load_checkpoint()
         else:
             torch.manual_seed(
                 int(np.random.SeedSequence([*self.seed, self.ctx.rank, 0x7C]).generate_state(1)[0])
@@ -713,94 +476,20 @@ class _Trainer:
                 ) from None
             self._tb = SummaryWriter(str(self.run / "tensorboard"))
 
-    def _autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     # ------------------------------------------------------------------ checkpoints
 
     def _state(self) -> dict[str, Any]:
-        rngs = self.ctx.all_gather(rng_state())
-        sums = self.ctx.all_reduce_sum(self.losses.as_list())
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        replicas = self.ctx.all_gather(state_digest(trainable))
-        if len(set(replicas)) > 1:
-            logger.warning(
-                "step %d: the model replicas of the %d processes differ (trainable-weight digests %s)",
-                self.step,
-                self.ctx.world_size,
-                ", ".join(d[:12] for d in replicas),
-            )
-        return {
-            "model": {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "pos": self.pos,
-            "step": self.step,
-            "micro_per_epoch": self.micro_per_epoch,
-            "samples_per_epoch": self.samples_per_epoch,
-            "world_size": self.ctx.world_size,
-            "loss_sums": sums,
-            "adapter_stats": self.ctx.all_gather({k: a.stats_state() for k, a in self.model.adapters.items()}),
-            "best_dice": self.best_dice,
-            "best_epoch": self.best_epoch,
-            "history": self.history,
-            "val_best": self.val_best,
-            "val_latest": self.val_latest,
-            "rng": rngs,
-            "replica_sha256": replicas,
-        }
-
-    def _checkpoint(self) -> None:
-        state = self._state()  # collective: every rank takes part
-        if self.ctx.is_main:
-            save_checkpoint(self.run / "checkpoints" / "last.pt", state)
-        self.ctx.barrier()
+        state = super()._state()
+        state["adapter_stats"] = self.ctx.all_gather({k: a.stats_state() for k, a in self.model.adapters.items()})
+        return state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        path = self.ckpt_path
-        if (
-            state.get("micro_per_epoch") != self.micro_per_epoch
-            or state.get("samples_per_epoch") != self.samples_per_epoch
-        ):
-            raise ValueError(
-                f"{path}: the checkpoint was taken with {state.get('micro_per_epoch')} batches per epoch, this data "
-                f"gives {self.micro_per_epoch}: the training data changed since — restore it or start a new run"
-            )
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: does not fit this run's model ({str(exc)[:300]})") from None
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.pos, self.step = int(state["epoch"]), int(state["pos"]), int(state["step"])
-        self.losses = LossMeter.from_list(state["loss_sums"]) if self.ctx.is_main else LossMeter()
+        super()._restore(state)
         stats = state.get("adapter_stats") or []
         if stats:
             mine = stats[self.ctx.rank] if len(stats) == self.ctx.world_size else stats[0]
             for key, values in mine.items():
                 self.model.adapters[key].load_stats_state(values)
-        self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
-        self.history = list(state["history"])
-        self.val_best, self.val_latest = state["val_best"], state["val_latest"]
-        rngs = state["rng"]
-        if int(state["world_size"]) == self.ctx.world_size:
-            set_rng_state(rngs[self.ctx.rank])
-        else:
-            logger.warning(
-                "%s: written by %s process(es), resumed with %d: dropout randomness differs from an "
-                "uninterrupted run (sample order and augmentation do not)",
-                path,
-                state["world_size"],
-                self.ctx.world_size,
-            )
-            set_rng_state(rngs[0])
-            torch.manual_seed(
-                int(np.random.SeedSequence([*self.seed, self.ctx.rank, self.step]).generate_state(1)[0])
-            )
-        self.info("resumed %s at epoch %d, step %d", path, self.epoch + 1, self.step)
 
     # ------------------------------------------------------------------ training
 
@@ -816,22 +505,10 @@ class _Trainer:
             lrs[f"lr_{g['name']}"] = g["lr"]
         return lrs
 
-    def _optimizer_step(self) -> None:
-        self._set_lr()
-        if self.t.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-
-    def _train_epoch(self) -> bool:
-        """Run the rest of the current epoch; False when ``max_steps`` stopped it."""
+    def _epoch_data(self) -> _EpochBatches:
         t = self.t
         order = epoch_samples(self.index, self.samples_per_epoch, t.negative_fraction, self.seed, self.epoch)
-        data = _EpochBatches(
+        return _EpochBatches(
             order,
             self.volumes,
             self.plans,
@@ -843,65 +520,22 @@ class _Trainer:
             self.ctx.rank,
             self.ctx.world_size,
         )
-        loader = DataLoader(
-            data,
-            batch_size=None,
-            sampler=range(self.pos, self.micro_per_epoch),
-            num_workers=t.num_workers,
-            pin_memory=self.device.type == "cuda",
-            # its own generator: creating an iterator must not consume the global torch RNG (dropout),
-            # or a resumed epoch would differ from an uninterrupted one
-            generator=torch.Generator().manual_seed(self.epoch),
-        )
-        bar = progress(
-            total=self.micro_per_epoch,
-            initial=self.pos,
-            desc=f"epoch {self.epoch + 1}/{t.epochs}",
-            unit="batch",
-            quiet=self.quiet,
-            lines=False,  # one line per epoch is logged after it
-            leave=False,
-        )
-        self.net.train()
-        a = t.grad_accum
-        for mb, batch in zip(range(self.pos, self.micro_per_epoch), loader, strict=True):
-            last = (mb + 1) % a == 0
-            sync = self.net.no_sync() if self.ctx.distributed and not last else contextlib.nullcontext()
-            inputs = batch["inputs"].to(self.device, non_blocking=True)
-            masks = batch["masks"].to(self.device, non_blocking=True)
-            organs = batch["organs"].to(self.device)
-            with sync:
-                with self._autocast():
-                    if self.tokens is None:
-                        logits = self.net(pixel_windows=inputs, organs=organs)
-                    else:
-                        logits = self.net(token_windows=inputs, organs=organs)
-                parts = segmentation_loss(logits, masks, bce_weight=t.bce_weight, dice_weight=t.dice_weight)
-                gate = self.model.gate_regularization().float()
-                loss = parts.total + gate
-                self.scaler.scale(loss / a).backward()
-            self.losses.add(
-                int(masks.shape[0]), *(float(v.detach()) for v in (loss, parts.bce, parts.dice, gate))
-            )
-            bar.update(1)
-            if not self.quiet:
-                bar.set_postfix(loss=f"{self.losses.means()['loss']:.4f}")
-            if last:
-                self._optimizer_step()
-                self.pos = mb + 1
-                stop = bool(t.max_steps) and self.step >= t.max_steps
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or stop:
-                    self._checkpoint()
-                if stop:
-                    bar.close()
-                    self.info(
-                        "stopped at train.max_steps=%d (epoch %d); continue with --resume",
-                        t.max_steps,
-                        self.epoch + 1,
-                    )
-                    return False
-        bar.close()
-        return True
+
+    def _batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, tuple[torch.Tensor, ...]]:
+        """BCE + soft Dice of the centre slices' masks + the gate regulariser."""
+        t = self.t
+        inputs = batch["inputs"].to(self.device, non_blocking=True)
+        masks = batch["masks"].to(self.device, non_blocking=True)
+        organs = batch["organs"].to(self.device)
+        with self._autocast():
+            if self.tokens is None:
+                logits = self.net(pixel_windows=inputs, organs=organs)
+            else:
+                logits = self.net(token_windows=inputs, organs=organs)
+        parts = segmentation_loss(logits, masks, bce_weight=t.bce_weight, dice_weight=t.dice_weight)
+        gate = self.model.gate_regularization().float()
+        loss = parts.total + gate
+        return loss, int(masks.shape[0]), (loss, parts.bce, parts.dice, gate)
 
     # ------------------------------------------------------------------ validation
 
@@ -959,13 +593,8 @@ class _Trainer:
 
     # ------------------------------------------------------------------ epoch end
 
-    def _save_model(self) -> None:
-        if self.ctx.is_main:
-            replace_dir(self.run / "model", self.model.save_pretrained)
-
     def _end_epoch(self, started: float) -> None:
         t = self.t
-        last_epoch = self.epoch + 1 == t.epochs
         stats: dict[str, float] = {}  # the adapters' statistics over this epoch's training batches
         for layer, values in self.model.pop_adapter_stats().items():
             for key, value in values.items():
@@ -975,26 +604,14 @@ class _Trainer:
             total = self.ctx.all_reduce_sum([stats[k] for k in keys])
             stats = {k: v / self.ctx.world_size for k, v in zip(keys, total, strict=True)}
         val = None
-        if self.val_cases and ((self.epoch + 1) % t.val_every == 0 or last_epoch):
+        if self._validation_due():
             val = self._validate()
-            self.val_latest = val
-            d = val["mean_dice"]
-            if d is not None and (self.best_dice is None or d > self.best_dice):
-                self.best_dice, self.best_epoch = d, self.epoch + 1
-                self.val_best = val
-                self._save_model()
-                self.info(
-                    "epoch %d: new best validation mean Dice %.4f -> %s",
-                    self.epoch + 1,
-                    d,
-                    self.run / "model",
-                )
-        epoch_losses = LossMeter.from_list(self.ctx.all_reduce_sum(self.losses.as_list()))
+            self._record_validation(val)
         row = {
             "epoch": self.epoch + 1,
             "step": self.step,
             **self._lrs(),
-            **epoch_losses.means(),
+            **self._epoch_losses(),
             "val_dice": "" if val is None or val["mean_dice"] is None else val["mean_dice"],
             "val_dice_centre_only": ""
             if val is None or val.get("mean_dice_centre_only") is None
@@ -1021,60 +638,16 @@ class _Trainer:
             row["loss_dice"],
             extra,
         )
-        if self.ctx.is_main:
-            self._write_logs()
-            if self._tb is not None:
-                for key in ("loss", "loss_bce", "loss_dice", "loss_gate", *(f"lr_{g}" for g in GROUPS), *stats):
-                    if row[key] != "":
-                        self._tb.add_scalar(f"train/{key}", row[key], self.step)
-                for key in ("val_dice", "val_dice_centre_only"):
-                    if row[key] != "":
-                        self._tb.add_scalar(f"val/{key}", row[key], self.step)
-                self._tb.flush()
-        self.epoch += 1
-        self.pos = 0
-        self.losses = LossMeter()
-        self._checkpoint()
-
-    def _write_logs(self) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.log_columns, lineterminator="\n")
-        writer.writeheader()
-        for row in self.history:
-            writer.writerow({k: row.get(k, "") for k in self.log_columns})
-        atomic_write_text(self.run / "log.csv", buf.getvalue())
-        atomic_write_json(
-            self.run / "val.json",
-            {"metric": "dice", "best": self.val_best, "latest": self.val_latest},
-        )
-
-    # ------------------------------------------------------------------ main
-
-    def run_all(self) -> TrainResult:
-        self.setup()
-        t = self.t
-        finished = True
-        while self.epoch < t.epochs:
-            started = time.perf_counter()
-            if not self._train_epoch():
-                finished = False
-                break
-            self._end_epoch(started)
-        if finished and not (self.run / "model" / "config.json").is_file():
-            if not self.val_cases:
-                logger.warning(
-                    "no validation cases: %s holds the model of the last epoch", self.run / "model"
-                )
-            self._save_model()
-        self.ctx.barrier()
-        return TrainResult(
-            run_dir=self.run,
-            best_dice=self.best_dice,
-            best_epoch=self.best_epoch,
-            epochs=self.epoch,
-            steps=self.step,
-            finished=finished,
-        )
+        self._write_logs()
+        if self.ctx.is_main and self._tb is not None:
+            for key in (*self.loss_names, *(f"lr_{g}" for g in GROUPS), *stats):
+                if row[key] != "":
+                    self._tb.add_scalar(f"train/{key}", row[key], self.step)
+            for key in ("val_dice", "val_dice_centre_only"):
+                if row[key] != "":
+                    self._tb.add_scalar(f"val/{key}", row[key], self.step)
+            self._tb.flush()
+        self._next_epoch()
 
     def close(self) -> None:
         if self._tb is not None:
