@@ -328,8 +328,13 @@ class TrainConfig:
     val_context_ablation: bool = True
     """Models with context (K > 1) are also validated with every window's neighbours replaced by its
     centre slice (``val_dice_centre_only`` in ``log.csv``): the difference is what context adds."""
-    num_workers: int = 0
-    """Data-loading worker processes (0 = in the training process)."""
+    num_workers: int | Literal["auto"] = "auto"
+    """Processes that draw and augment the training batches while the model computes, per training
+    process (0 = in the training process itself). ``auto``: on CUDA, the CPU cores this process may
+    use (shared among the processes of a multi-GPU run on this machine) less one for the training
+    process, at most 8; on the CPU 0, where workers would only take cores from the computation.
+    The batches do not depend on it (each sample's randomness comes from its seed, epoch and index),
+    so it may change on resume."""
     seed: int = 0
     tensorboard: bool = False
     device: str = "auto"

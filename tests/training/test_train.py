@@ -93,9 +93,12 @@ def test_run_folder_layout_cli_and_refusal(phantom_root, tmp_path, capsys):
     assert isinstance(result, TrainResult) and result.epochs == 1 and result.run_dir == run
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than a CI machine's cores
 def test_resume_continues_exactly(tiny_cfg, tmp_path):
     """An interrupted run (stopped mid-epoch by max_steps), resumed, ends with the same weights and log
-    as an uninterrupted one: augmentation, dropout, gradient accumulation and validation on."""
+    as an uninterrupted one: augmentation, dropout, gradient accumulation and validation on. The
+    interrupted part prepares its batches in 2 worker processes, the rest and the uninterrupted run
+    in the training process: the batches do not depend on where they are made."""
     base = [
         "train.epochs=2",
         "train.steps_per_epoch=3",
@@ -104,7 +107,9 @@ def test_resume_continues_exactly(tiny_cfg, tmp_path):
         "train.checkpoint_every=2",
     ]
     full = train(tiny_cfg(*base), out=tmp_path / "full", quiet=True)
-    part = train(tiny_cfg(*base, "train.max_steps=4"), out=tmp_path / "part", quiet=True)
+    part = train(
+        tiny_cfg(*base, "train.max_steps=4", "train.num_workers=2"), out=tmp_path / "part", quiet=True
+    )
     assert not part.finished and part.steps == 4 and part.epochs == 1
     ckpt = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["pos"], ckpt["step"]) == (1, 2, 4)  # mid-epoch 2: 2 of 6 batches done
@@ -233,6 +238,8 @@ def test_resume_checks_the_config_and_the_checkpoint(tiny_cfg, tmp_path):
         ("train.cache_tokens=memory", "cannot be cached"),
         ("data.root=", "data.root=''"),
         ("train.organ_weights={pancreaz: 3}", "Did you mean 'pancreas'"),
+        ("train.num_workers=-1", "train.num_workers=-1: expected an integer >= 0 or auto"),
+        ("train.num_workers=many", "expected int | 'auto'"),
     ],
 )
 def test_bad_training_settings_are_errors(tiny_cfg, tmp_path, override, fragment):

@@ -29,6 +29,7 @@ from tgated.training.loop import (
     scheduled_lr,
 )
 from tgated.training.losses import segmentation_loss, soft_dice_loss
+from tgated.training.trainer import resolve_num_workers
 
 
 def test_loss_by_hand():
@@ -117,6 +118,24 @@ def test_precision_on_cpu():
     assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("value", "device", "cores", "local", "expected"),
+    [
+        ("auto", "cpu", 16, "1", 0),  # on the CPU workers only take cores from the computation
+        ("auto", "cuda", 16, "1", 8),  # 15 free cores, capped at AUTO_WORKERS_MAX
+        ("auto", "cuda", 16, "4", 3),  # 4 processes share 16 cores: 4 each, one is the trainer
+        ("auto", "cuda", 2, "1", 1),
+        ("auto", "cuda", 1, "1", 0),
+        (3, "cpu", 16, "1", 3),  # a number is used as given
+        (0, "cuda", 16, "1", 0),
+    ],
+)
+def test_num_workers_auto(monkeypatch, value, device, cores, local, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert resolve_num_workers(value, torch.device(device)) == expected
 
 
 def test_config_differences_name_dotted_keys():

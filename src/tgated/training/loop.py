@@ -227,7 +227,12 @@ def check_config(cfg: ExperimentConfig) -> None:
     )
     _need(t.val_every >= 1, "train.val_every", t.val_every, "an integer >= 1")
     _need(t.val_max_cases >= 0, "train.val_max_cases", t.val_max_cases, "an integer >= 0 (0 = all)")
-    _need(t.num_workers >= 0, "train.num_workers", t.num_workers, "an integer >= 0")
+    _need(
+        t.num_workers == "auto" or t.num_workers >= 0,
+        "train.num_workers",
+        t.num_workers,
+        "an integer >= 0 or auto",
+    )
     _need(
         t.checkpoint_every >= 0,
         "train.checkpoint_every",

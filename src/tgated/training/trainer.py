@@ -27,6 +27,7 @@ import contextlib
 import csv
 import io
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -188,6 +189,24 @@ def split_cases(
     return splits, {c.case_id: c for c in cases}
 
 
+AUTO_WORKERS_MAX = 8
+"""The most data-loading workers ``train.num_workers: auto`` starts per training process."""
+
+
+def resolve_num_workers(value: int | str, device: torch.device) -> int:
+    """``train.num_workers`` → worker processes per training process (see
+    :attr:`tgated.config.TrainConfig.num_workers`): ``auto`` is 0 on the CPU and, on CUDA, the cores
+    this process may use divided among the ``LOCAL_WORLD_SIZE`` processes (torchrun) on this machine,
+    less one for the training process, at most :data:`AUTO_WORKERS_MAX`."""
+    if value != "auto":
+        return int(value)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(AUTO_WORKERS_MAX, cores // local - 1))
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What :func:`tgated.training.train` returns: where the run is and how it ended."""
@@ -293,6 +312,7 @@ class Trainer:
                 f"train.batch_size={self.t.batch_size} is not divisible by the {ctx.world_size} processes; "
                 f"it is the global batch (each process takes batch_size / {ctx.world_size}) — use a multiple"
             )
+        self.num_workers = resolve_num_workers(self.t.num_workers, self.device)
         self.ckpt_path = prepare_run(cfg, run, resume)
         ctx.barrier()
         self.history: list[dict[str, Any]] = []
@@ -368,12 +388,15 @@ class Trainer:
         self.steps_per_epoch = self.micro_per_epoch // a
         self.samples_per_epoch = self.micro_per_epoch * b
         self.info(
-            "%d epochs × %d optimizer steps (batch %d × accumulation %d, %d processes)",
+            "%d epochs × %d optimizer steps (batch %d × accumulation %d, %d processes); batches prepared %s",
             t.epochs,
             self.steps_per_epoch,
             b,
             a,
             self.ctx.world_size,
+            f"by {self.num_workers} worker processes per process"
+            if self.num_workers
+            else "in the training process",
         )
 
     def _wrap_ddp(self) -> None:
@@ -496,7 +519,7 @@ class Trainer:
             data,
             batch_size=None,
             sampler=range(self.pos, self.micro_per_epoch),
-            num_workers=self.t.num_workers,
+            num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             # its own generator: creating an iterator must not consume the global torch RNG (dropout),
             # or a resumed epoch would differ from an uninterrupted one
