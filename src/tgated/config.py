@@ -318,6 +318,11 @@ class TrainConfig:
     """Contrast and brightness jitter: ``x · (1 + a) + b`` with a, b uniform in ±intensity."""
     dice_weight: float = 1.0
     bce_weight: float = 1.0
+    bce_pos_weight: float = 1.0
+    """Weight of the organ's pixels in the BCE term (PyTorch's ``pos_weight``; 1 = plain BCE). An
+    organ covers about 1 % of a slice: with plain BCE the background's pull drives the logits of
+    small organs to about −14 everywhere early in training from a random backbone, and the organ
+    never comes back (its Dice gradient vanishes in the saturated sigmoid); see docs/evidence.md."""
     cache_tokens: Literal["auto", "off", "memory", "disk"] = "auto"
     """Cache vision tokens when the backbone is frozen (turns image-space augmentation off)."""
     cache_max_gb: float = 8.0

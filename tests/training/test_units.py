@@ -51,6 +51,37 @@ def test_loss_by_hand():
         segmentation_loss(torch.zeros(1, 2, 2), torch.zeros(1, 3, 3))
 
 
+def test_bce_pos_weight_by_hand():
+    # logits 2 on the one organ pixel, -1 on the three background pixels
+    logits = torch.tensor([[[2.0, -1.0], [-1.0, -1.0]]])
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    pos = -math.log(1 / (1 + math.exp(-2.0)))  # -log σ(2)
+    neg = -math.log(1 - 1 / (1 + math.exp(1.0)))  # -log(1 - σ(-1))
+    plain = segmentation_loss(logits, target)
+    weighted = segmentation_loss(logits, target, pos_weight=10.0)
+    assert plain.bce.item() == pytest.approx((pos + 3 * neg) / 4)
+    assert weighted.bce.item() == pytest.approx((10 * pos + 3 * neg) / 4)
+    assert weighted.dice.item() == pytest.approx(plain.dice.item())  # the Dice term is unweighted
+    # the organ pixel's gradient is 10 times the plain one; the background's is unchanged
+    grads = []
+    for w in (1.0, 10.0):
+        x = logits.clone().requires_grad_(True)
+        segmentation_loss(x, target, pos_weight=w, dice_weight=0.0).total.backward()
+        grads.append(x.grad[0])
+    assert grads[1][0, 0].item() == pytest.approx(10 * grads[0][0, 0].item())
+    assert grads[1][1, 1].item() == pytest.approx(grads[0][1, 1].item())
+    from tgated.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.data.root = "x"
+    for bad in (0.0, -2.0, float("nan")):
+        cfg.train.bce_pos_weight = bad
+        with pytest.raises(ValueError, match=r"train.bce_pos_weight=.*: expected a weight > 0 \(1 = plain BCE\)"):
+            check_config(cfg)
+    cfg.train.bce_pos_weight = 10.0
+    check_config(cfg)
+
+
 def test_cosine_schedule_with_warm_restarts():
     r = 0.01
     assert cosine_restart_factor(0, 10, r) == pytest.approx(1.0)

@@ -225,6 +225,12 @@ def check_config(cfg: ExperimentConfig) -> None:
         (t.dice_weight, t.bce_weight),
         "weights >= 0, not both 0",
     )
+    _need(
+        math.isfinite(t.bce_pos_weight) and t.bce_pos_weight > 0,
+        "train.bce_pos_weight",
+        t.bce_pos_weight,
+        "a weight > 0 (1 = plain BCE)",
+    )
     _need(t.val_every >= 1, "train.val_every", t.val_every, "an integer >= 1")
     _need(t.val_max_cases >= 0, "train.val_max_cases", t.val_max_cases, "an integer >= 0 (0 = all)")
     _need(
@@ -537,7 +543,9 @@ class _Trainer(Trainer):
                 logits = self.net(pixel_windows=inputs, organs=organs)
             else:
                 logits = self.net(token_windows=inputs, organs=organs)
-        parts = segmentation_loss(logits, masks, bce_weight=t.bce_weight, dice_weight=t.dice_weight)
+        parts = segmentation_loss(
+            logits, masks, bce_weight=t.bce_weight, dice_weight=t.dice_weight, pos_weight=t.bce_pos_weight
+        )
         gate = self.model.gate_regularization().float()
         loss = parts.total + gate
         return loss, int(masks.shape[0]), (loss, parts.bce, parts.dice, gate)

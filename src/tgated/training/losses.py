@@ -1,6 +1,7 @@
 """Segmentation loss: BCE + soft Dice on the centre slice's mask, computed in float32.
 
-``loss = bce_weight · BCE + dice_weight · (1 − soft Dice)`` with, per sample,
+``loss = bce_weight · BCE + dice_weight · (1 − soft Dice)`` (BCE with the organ's pixels weighted by
+``pos_weight``, ``train.bce_pos_weight``) with, per sample,
 ``soft Dice = (2 Σ p·t + 1) / (Σ p + Σ t + 1)`` (``p = sigmoid(logits)``, sums over pixels, smoothing
 1), both averaged over the batch. The smoothing makes a negative sample (empty target) cost
 ``1 − 1 / (Σ p + 1)``: zero when nothing is predicted. The gate regulariser of the model
@@ -34,11 +35,18 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = D
 
 
 def segmentation_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, bce_weight: float = 1.0, dice_weight: float = 1.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    pos_weight: float = 1.0,
 ) -> LossParts:
-    """BCE + soft Dice for logits (B, H, W) and binary targets (B, H, W)."""
+    """BCE + soft Dice for logits (B, H, W) and binary targets (B, H, W); ``pos_weight`` weights the
+    BCE of target pixels."""
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(target.shape)} differ in shape")
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    weight = None if pos_weight == 1.0 else torch.tensor(float(pos_weight), device=logits.device)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=weight)
     dice = soft_dice_loss(logits, target)
     return LossParts(total=bce_weight * bce + dice_weight * dice, bce=bce, dice=dice)
