@@ -33,7 +33,7 @@ def test_chunked_prediction_equals_whole_stack(mode):
     chunked = Predictor(model, chunk_slices=3, batch_size=2).predict_volume(vol, keep_probabilities=True)
     np.testing.assert_array_equal(whole.labels, chunked.labels)
     np.testing.assert_allclose(
-        whole.probabilities.astype(np.float32), chunked.probabilities.astype(np.float32), atol=1e-3
+        np.asarray(whole.probabilities, np.float32), np.asarray(chunked.probabilities, np.float32), atol=1e-3
     )
 
 
@@ -43,7 +43,7 @@ def test_probabilities_resampled_before_labels():
     pred = Predictor(model, batch_size=4).predict_volume(vol, keep_probabilities=True)
     assert pred.labels.shape == vol.shape and pred.labels.dtype == np.uint8
     assert pred.probabilities.shape == (13, *vol.shape) and pred.probabilities.dtype == np.float16
-    probs = pred.probabilities.astype(np.float32)
+    probs = np.asarray(pred.probabilities, np.float32)
     best = probs.max(axis=0)
     threshold = model.config.preprocess.background_threshold
     fg = pred.labels > 0

@@ -71,8 +71,11 @@ def axial_slices(volume: torch.Tensor) -> torch.Tensor:
     return volume.flip(-3, -2).permute(*range(volume.dim() - 3), -1, -2, -3)
 
 
-def from_axial_slices(slices: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`axial_slices`: (..., Z, H, W) -> (..., X, Y, Z)."""
+def from_axial_slices(slices: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Inverse of :func:`axial_slices`: (..., Z, H, W) -> (..., X, Y, Z) (for a numpy array: a view,
+    no copy)."""
+    if isinstance(slices, np.ndarray):
+        return np.flip(np.swapaxes(slices, -1, -3), axis=(-3, -2))
     return slices.permute(*range(slices.dim() - 3), -1, -2, -3).flip(-3, -2)
 
 

@@ -12,7 +12,9 @@ Output folder contents:
 * ``provenance.json`` — tool version, model hash and config (incl. preprocessing), and per case: the
   input file, its SHA-256, modality, organs, and every file written with its SHA-256 (``files``);
 * ``<case>_probs.npz`` with ``--save-probabilities`` — per-organ float16 probabilities (keys = organ
-  names) in the same layout as the label map.
+  names) in the same layout as the label map, and ``affine``; staged on disk while the case is
+  segmented and written one organ at a time (:mod:`tgated.inference.probabilities`), so that they
+  never fill the memory.
 
 Before any work, every input's header is checked (:func:`tgated.io.volumes.probe_volume`: a readable
 3-D image, the DICOM series choice) and so is the memory a case needs, so that such errors stop the run
@@ -60,9 +62,9 @@ from tgated.inference.outputs import (
     write_colour_tables,
     write_statistics_csv,
 )
+from tgated.inference.probabilities import write_probabilities
 from tgated.inference.provenance import LOCK_NAME, PROVENANCE_JSON, case_entries, locked, record_case
 from tgated.io.files import (
-    atomic_path,
     atomic_write_json,
     check_inputs_spared,
     is_temporary,
@@ -73,7 +75,6 @@ from tgated.io.files import (
 )
 from tgated.io.volumes import (
     IMAGE_SUFFIXES,
-    Volume,
     has_image_suffix,
     list_dicom_series,
     probe_volume,
@@ -268,16 +269,6 @@ def _dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def write_probabilities(path: Path, prediction, volume: Volume) -> None:
-    """``<case>_probs.npz``: one float16 array per organ (keys = organ names), original layout, + affine."""
-    arrays = {
-        o.name: volume.to_original(prediction.probabilities[i]) for i, o in enumerate(prediction.organs)
-    }
-    arrays["affine"] = volume.original_affine
-    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-
-
 def _run_dataset_images(run: Path) -> list[Path]:
     """The image files of the dataset a run was trained on (``RUN/config.yaml``'s ``data``)."""
     from tgated.config import ConfigError, load_config
@@ -467,14 +458,22 @@ def predict(
                 logger.info("%s: already segmented; writing %s", case.case_id, ", ".join(missing))
             else:
                 pred = predictor.predict_volume(
-                    volume, chosen, modality, keep_probabilities=save_probabilities
+                    volume,
+                    chosen,
+                    modality,
+                    keep_probabilities=save_probabilities,
+                    probabilities_path=probs_file,
                 )
                 labels, case_modality, kept, done = pred.labels, pred.modality, {}, []
-                previous = case_entries(folder).get(case.case_id)
-                if previous is not None:  # files of the label map being replaced, not written again
-                    remove_stale_outputs(folder, _recorded_files(previous), files.names())
-                if probs_file is not None:
-                    write_probabilities(probs_file, pred, volume)
+                try:  # the probabilities' scratch file is removed whatever happens
+                    previous = case_entries(folder).get(case.case_id)
+                    if previous is not None:  # files of the label map being replaced, not written again
+                        remove_stale_outputs(folder, _recorded_files(previous), files.names())
+                    if pred.probabilities is not None:
+                        write_probabilities(probs_file, pred.probabilities, volume)
+                finally:
+                    if pred.probabilities is not None:
+                        pred.probabilities.close()
             new = write_case_outputs(
                 folder, files, volume, labels, chosen, case_id=case.case_id, modality=case_modality, done=done
             )

@@ -21,9 +21,10 @@ import os
 import numpy as np
 import torch
 
-from tgated.data.slices import normalise_intensity
+from tgated.data.slices import axial_slices, normalise_intensity
 from tgated.inference.predictor import (
     GB,
+    NATIVE_BLOCK_VALUES,
     RUNTIME_OVERHEAD_GB,
     MemoryEstimate,
     Prediction,
@@ -32,6 +33,7 @@ from tgated.inference.predictor import (
     resolve_device,
     resolve_modality,
 )
+from tgated.inference.probabilities import WRITE_BYTES_PER_VOXEL, ProbabilityMaps
 from tgated.io.volumes import Volume
 from tgated.models.dynunet import DynUNetModel, preprocessing
 from tgated.organs import Organ
@@ -59,11 +61,13 @@ class DynUNetPredictor:
         self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool = False
     ) -> MemoryEstimate:
         """Host memory: the volume (float32, three copies), the resampled grid's channels (float32
-        probabilities accumulated and resampled back), the labels; work: the tiles' activations."""
+        probabilities accumulated and resampled back), the labels, one organ's probabilities while
+        they are written (kept ones are staged on disk); work: the tiles' activations."""
         d = self.model.config.dynunet
         voxels = math.prod(int(v) for v in volume_shape)
         channels = 1 + len(self.model.organs)
-        native = voxels * (4 * 3 + 3 + channels * 4 * 2 + (2 * n_organs if keep_probabilities else 0))
+        kept = WRITE_BYTES_PER_VOXEL if keep_probabilities else 0
+        native = voxels * (4 * 3 + 3 + channels * 4 * 2 + kept)
         tile = math.prod(int(p) for p in d.patch_size)
         filters = list(d.filters) or [32]
         work = d.sw_batch_size * tile * filters[0] * 4 * 12
@@ -135,8 +139,11 @@ class DynUNetPredictor:
         modality: str | None = None,
         *,
         keep_probabilities: bool = False,
+        probabilities_path: str | os.PathLike | None = None,
     ) -> Prediction:
-        """Segment one canonical volume; labels on its own grid: argmax over background and ``organs``."""
+        """Segment one canonical volume; labels on its own grid: argmax over background and ``organs``
+        (``keep_probabilities``, ``probabilities_path``: as for
+        :meth:`tgated.inference.predictor.Predictor.predict_volume`)."""
         organ_list = self.organs_for(organs)
         self.check_memory(
             volume.shape,
@@ -153,5 +160,16 @@ class DynUNetPredictor:
         arg = chosen.argmax(dim=0)
         ids = torch.tensor([0] + [o.id for o in organ_list], dtype=torch.uint8)
         labels = ids[arg].numpy().astype(np.uint8)
-        kept = chosen[1:].to(torch.float16).numpy() if keep_probabilities else None
+        if not keep_probabilities:
+            return Prediction(labels, organ_list, mod, volume)
+        kept = ProbabilityMaps(organ_list, volume.shape, probabilities_path)
+        try:
+            x, y, z = volume.shape
+            step = max(1, NATIVE_BLOCK_VALUES // max(1, len(organ_list) * x * y))  # slices per write
+            for start in range(0, z, step):
+                block = axial_slices(chosen[1:, :, :, start : start + step]).transpose(0, 1)
+                kept.put(range(start, min(start + step, z)), block)
+        except BaseException:
+            kept.close()
+            raise
         return Prediction(labels, organ_list, mod, volume, kept)

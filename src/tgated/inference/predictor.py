@@ -15,8 +15,9 @@ For one volume in the canonical frame:
 Memory is bounded by the volume: slices are processed in chunks (with the neighbours their windows
 need), the only volume-sized arrays are the input and the label map, and probabilities at native
 resolution exist only for a few slices at a time (``NATIVE_BLOCK_VALUES``), never as an
-organs × volume float32 array, unless they are requested (``keep_probabilities``: O × volume
-float16). For a 512 × 512 × 300 CT and the full-size model the peak stays below
+organs × volume array: when they are requested (``keep_probabilities``), those of each few slices
+go into a scratch file on disk (:class:`tgated.inference.probabilities.ProbabilityMaps`), and are written out
+one organ at a time. For a 512 × 512 × 300 CT and the full-size model the peak stays below
 3 × (volume as float32 + model weights) (``benchmarks/whole_ct.py``). :meth:`Predictor.memory_estimate` gives the
 peak for a volume; :meth:`Predictor.check_memory` turns an estimate above the available memory into
 an error before any work starts (with the fixes: a smaller ``batch_size``, no probabilities, a
@@ -44,6 +45,7 @@ from tgated.data.slices import (
     intensity_window,
     to_model_grid,
 )
+from tgated.inference.probabilities import WRITE_BYTES_PER_VOXEL, ProbabilityMaps
 from tgated.io.volumes import Volume
 from tgated.organs import ORGANS, Organ, get_organ
 from tgated.progress import progress
@@ -70,8 +72,9 @@ class Prediction:
     organs: tuple[Organ, ...]
     modality: str
     volume: Volume
-    probabilities: np.ndarray | None = None
-    """(O, X, Y, Z) float16 per-organ probabilities in ``organs`` order (when requested)."""
+    probabilities: ProbabilityMaps | None = None
+    """(O, X, Y, Z) float16 per-organ probabilities in ``organs`` order, on disk (when requested):
+    ``probabilities.organ(i)`` reads one, ``np.asarray`` all; ``probabilities.close()`` removes them."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -443,11 +446,15 @@ class Predictor:
         modality: str | None = None,
         *,
         keep_probabilities: bool = False,
+        probabilities_path: str | os.PathLike | None = None,
         neighbours: str = "real",
     ) -> Prediction:
         """Segment one canonical volume; returns labels on its own grid (canonical frame).
 
-        ``neighbours="centre"`` is the context ablation: each window holds its centre slice K times.
+        ``keep_probabilities``: also return the per-organ probabilities, staged on disk next to
+        ``probabilities_path``, the file they are for (:class:`ProbabilityMaps`; default: the
+        system's temporary folder); close them when done. ``neighbours="centre"`` is the context
+        ablation: each window holds its centre slice K times.
 
         Fails early with a ``ValueError`` when the volume would not fit in memory
         (:meth:`check_memory`), and the same way when memory runs out anyway.
@@ -463,7 +470,7 @@ class Predictor:
         pre = self.model.config.preprocess
         mod = resolve_modality(volume, modality, pre.modality)
         try:
-            return self._predict(volume, organ_list, mod, keep_probabilities, neighbours)
+            return self._predict(volume, organ_list, mod, keep_probabilities, neighbours, probabilities_path)
         except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
             if not _out_of_memory(exc):
                 raise
@@ -483,6 +490,23 @@ class Predictor:
         mod: str,
         keep_probabilities: bool,
         neighbours: str = "real",
+        probabilities_path: str | os.PathLike | None = None,
+    ) -> Prediction:
+        probs = ProbabilityMaps(organ_list, volume.shape, probabilities_path) if keep_probabilities else None
+        try:
+            return self._segment(volume, organ_list, mod, probs, neighbours)
+        except BaseException:
+            if probs is not None:
+                probs.close()
+            raise
+
+    def _segment(
+        self,
+        volume: Volume,
+        organ_list: tuple[Organ, ...],
+        mod: str,
+        probs: ProbabilityMaps | None,
+        neighbours: str,
     ) -> Prediction:
         pre = self.model.config.preprocess
         size = int(pre.image_size)
@@ -492,7 +516,6 @@ class Predictor:
         ids = torch.tensor([o.id for o in organ_list], dtype=torch.uint8)
         threshold = float(pre.background_threshold)
         labels = torch.zeros((z, h, w), dtype=torch.uint8)
-        probs = torch.zeros((len(organ_list), z, h, w), dtype=torch.float16) if keep_probabilities else None
         group = self._native_group(len(organ_list), h, w)
         chunks = range(0, z, self.chunk_slices)
         bar = progress(
@@ -529,27 +552,26 @@ class Predictor:
                         sel = cz[g : g + group]
                         labels[sel] = lab.to(torch.uint8)
                         if probs is not None:
-                            probs[:, sel] = native.transpose(0, 1).to(torch.float16)
+                            probs.put(sel, native)
             bar.update(end - start)
         bar.close()
         out_labels = from_axial_slices(labels).contiguous().numpy()
-        out_probs = from_axial_slices(probs).contiguous().numpy() if probs is not None else None
-        return Prediction(out_labels, organ_list, mod, volume, out_probs)
+        return Prediction(out_labels, organ_list, mod, volume, probs)
 
 
 def estimate_memory_gb(volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool) -> float:
     """Host memory (GB) of the arrays of :meth:`Predictor.predict_volume` that scale with the volume.
 
     Per voxel: the image (float32), the label map, its canonical and original-layout copies (uint8
-    each); with probabilities, O float16 values three times (canonical, back in slice order,
-    original layout when written). Intensities are normalised a chunk of slices at a time, so no
-    normalised copy of the volume exists; that and the other batch-dependent work is in
-    :meth:`Predictor.memory_estimate`.
+    each); with probabilities, which are staged on disk, one organ's while it is written
+    (``WRITE_BYTES_PER_VOXEL``, whatever the number of organs). Intensities are normalised a chunk
+    of slices at a time, so no normalised copy of the volume exists; that and the other
+    batch-dependent work is in :meth:`Predictor.memory_estimate`.
     """
     voxels = math.prod(int(v) for v in volume_shape)
     per_voxel = 4 + 1 * 3
     if keep_probabilities:
-        per_voxel += 2 * n_organs * 3
+        per_voxel += WRITE_BYTES_PER_VOXEL
     return voxels * per_voxel / GB
 
 

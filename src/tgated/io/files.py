@@ -7,6 +7,10 @@ such leftovers first (:func:`remove_stale_temporaries`).
 
 Folders (a saved model, its tokenizer) are replaced whole by :func:`replace_dir`.
 
+Data staged on disk before an output is written (too large to hold in memory) goes into a
+:class:`ScratchFile`, a hidden temporary next to that output, removed when done, on failure and by the
+next run that writes the output.
+
 Output names built from data (case ids, split entries, file names found in a dataset) go through
 :func:`safe_name` / :func:`safe_join`, so that no value can place a file outside the output folder.
 """
@@ -22,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +208,94 @@ def replace_dir(target: str | os.PathLike, writer: Callable[[Path], Any]) -> Pat
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+class ScratchFile:
+    """``size`` bytes staged on disk before ``target`` is written: a hidden temporary file next to it
+    (``.NAME.tmp-*.suffix``), written and read at byte offsets.
+
+    :meth:`close` removes it (call it on success and on failure; as a last resort it is also removed
+    when the object is garbage-collected or the interpreter exits); a killed run's leftover is one of
+    ``NAME``'s temporaries, which :func:`remove_stale_temporaries` removes. The file starts sparse, and
+    the disk space it will need is checked first, so that a full disk is an error before the work
+    that fills it. Reads and writes go through the file, not a memory map: the data sits in the
+    kernel's page cache (reclaimable), not in the process's resident memory.
+    """
+
+    def __init__(self, target: str | os.PathLike, size: int, suffix: str = "") -> None:
+        self.target = Path(target)
+        self.size = int(size)
+        folder = self.target.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+        except OSError as exc:
+            raise _write_error(exc, self.target) from None
+        if self.size > free:
+            error = OSError(
+                f"{self.target}: cannot be written: staging it needs {self.size / 1e9:.2f} GB of disk "
+                f"space in {folder}, but {free / 1e9:.2f} GB is free; free disk space or choose another "
+                "output folder"
+            )
+            error.errno = errno.ENOSPC
+            raise error
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.target.name}{TMP_MARK}", suffix=suffix)
+        except OSError as exc:
+            raise _write_error(exc, self.target) from None
+        self.path = Path(tmp)
+        self._file = os.fdopen(fd, "r+b", buffering=0)
+        self._remove = weakref.finalize(self, _remove_scratch, self._file, self.path)
+        try:
+            os.ftruncate(fd, self.size)
+        except OSError as exc:
+            self.close()
+            raise _write_error(exc, self.target) from None
+
+    def _span(self, offset: int, data) -> memoryview:
+        view = memoryview(data).cast("B")
+        if offset < 0 or offset + view.nbytes > self.size:
+            raise ValueError(
+                f"bytes {offset}..{offset + view.nbytes} lie outside the scratch file's {self.size}"
+            )
+        if self._file.closed:
+            raise ValueError(f"{self.path}: the scratch file is closed")
+        return view
+
+    def write(self, offset: int, data) -> None:
+        """Write the bytes of ``data`` (a C-contiguous buffer, e.g. a numpy array) at ``offset``."""
+        view = self._span(offset, data)
+        try:
+            self._file.seek(offset)
+            while view.nbytes:
+                view = view[self._file.write(view) :]
+        except OSError as exc:
+            raise _write_error(exc, self.target) from None
+
+    def read_into(self, offset: int, buffer) -> None:
+        """Fill ``buffer`` (a writable C-contiguous buffer) with the bytes at ``offset``."""
+        view = self._span(offset, buffer)
+        self._file.seek(offset)
+        while view.nbytes:
+            got = self._file.readinto(view)
+            if not got:
+                raise OSError(f"{self.path}: ended before byte {offset + view.nbytes}; was it truncated?")
+            view = view[got:]
+
+    def close(self) -> None:
+        """Remove the file (again: nothing)."""
+        self._remove()
+
+    def __enter__(self) -> ScratchFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _remove_scratch(file, path: Path) -> None:
+    file.close()
+    path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -102,6 +102,8 @@ class Volume:
                 f"array of shape {array.shape} does not match the volume's canonical shape {self.shape}"
             )
         lead = array.shape[:-3]
+        if not lead:  # one array: one copy
+            return reorient(array, self.affine, self.axcodes)[0]
         flat = array.reshape((-1, *self.shape))
         out = np.stack([reorient(a, self.affine, self.axcodes)[0] for a in flat]) if flat.shape[0] else flat
         return out.reshape(lead + tuple(out.shape[-3:]))
