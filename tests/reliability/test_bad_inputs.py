@@ -251,9 +251,11 @@ def test_mr_volume_sent_to_a_ct_model_is_a_warning(model, caplog):
 
 
 def test_volume_memory_estimate_by_hand():
-    # 100 × 100 × 10 voxels: the float32 image + 3 uint8 copies = 7 B; probabilities 13 organs × 2 B × 3 = 78 B
+    # 100 × 100 × 10 voxels: the float32 image + 3 uint8 copies = 7 B; probabilities are staged on disk
+    # and written one organ at a time: 2 B × 3 per voxel, whatever the number of organs
     assert estimate_memory_gb((100, 100, 10), 13, False) == pytest.approx(1e5 * 7 / 1e9)
-    assert estimate_memory_gb((100, 100, 10), 13, True) == pytest.approx(1e5 * 85 / 1e9)
+    assert estimate_memory_gb((100, 100, 10), 13, True) == pytest.approx(1e5 * 13 / 1e9)
+    assert estimate_memory_gb((100, 100, 10), 2, True) == pytest.approx(1e5 * 13 / 1e9)
 
 
 def test_work_memory_grows_with_the_batch(model):

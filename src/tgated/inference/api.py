@@ -413,10 +413,9 @@ def predict(
         minfo["run"] = str(model_run)
         minfo["train_cases"] = run_splits(model_run)["train"]
     layout = {c.case_id: case_files(targets[c.case_id][0].name, chosen, options) for c in mine}
-    remove_stale_temporaries(
+    remove_stale_temporaries(  # this rank's cases only: another rank may be writing its own
         folder,
-        [p.name for pair in targets.values() for p in pair]
-        + [n for f in layout.values() for n in f.targets()],
+        [p.name for c in mine for p in targets[c.case_id]] + [n for f in layout.values() for n in f.targets()],
     )
     created = not folder.exists()
     try:
