@@ -199,3 +199,35 @@ def test_temporal_inference_computes_the_centre_only_in_the_last_layer(k):
         full = temporal.out_proj(temporal.out_norm(h[:, k // 2])).view(2, 7, 48)
     assert fast.shape == (2, 7, 48) and full.abs().max() > 0.1
     assert (fast - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("temporal", "gate"), [(True, True), (True, False), (False, False)])
+def test_indexed_windows_equal_gathered_windows(temporal, gate):
+    """``forward_indexed(images, index)`` (the temporal input projection once per image, windows
+    gathered after it) gives ``forward(images[index])``'s values, for overlapping windows with
+    repeated edge slices, in eval and in train mode."""
+    torch.manual_seed(0)
+    k, c = 5, 48
+    adapter = TGatedAdapter(c, k, SMALL, temporal=temporal, gate=gate)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.2)  # no zero-initialised part hides a wrong slice
+    images = torch.randn(6, 7, c)
+    index = torch.tensor([[max(0, min(5, z + d)) for d in range(-2, 3)] for z in range(6)])  # clamped windows
+    adapter.eval()
+    with torch.no_grad():
+        fast = adapter.forward_indexed(images, index)
+        gathered = adapter(images[index])
+        assert fast.shape == (6, 7, c) and gathered.abs().max() > 0.1
+        assert (fast - gathered).abs().max() <= 1e-6
+        # a window is its own slices: permuting the images and the index alike changes nothing
+        perm = torch.randperm(6)
+        moved = adapter.forward_indexed(images[perm], torch.argsort(perm)[index])
+        assert (moved - fast).abs().max() <= 1e-6
+    adapter.train()
+    torch.manual_seed(1)
+    trained = adapter.forward_indexed(images, index)
+    torch.manual_seed(1)
+    assert (trained - adapter(images[index])).abs().max() <= 1e-6  # the same dropout draws
+    with pytest.raises(ValueError, match=r"adapter expects images \(U, N, C=48\)"):
+        adapter.forward_indexed(images[None], index)

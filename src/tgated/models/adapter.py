@@ -176,7 +176,25 @@ class TemporalTransformer(nn.Module):
         if k != self.context:
             raise ValueError(f"temporal transformer built for K={self.context} slices, got windows of {k}")
         h = x.permute(0, 2, 1, 3).reshape(b * n, k, c)
-        h = self.in_norm(self.in_proj(h)) + self.pos_embed
+        return self._layers(self.in_norm(self.in_proj(h)) + self.pos_embed, b, n, c)
+
+    def forward_indexed(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``forward(images[index])`` for windows given as distinct images (U, N, C) and, per
+        window, the images of its K slices (B, K): the input projection and its LayerNorm, which
+        act on each token of each slice alone, run once per image instead of once per window slot
+        (K times fewer when the windows of a stack overlap), and only their narrower output is
+        gathered into windows."""
+        b, k = index.shape
+        if k != self.context:
+            raise ValueError(f"temporal transformer built for K={self.context} slices, got windows of {k}")
+        n, c = images.shape[1:]
+        p = self.in_norm(self.in_proj(images))  # (U, N, dim)
+        h = p[index].transpose(1, 2).reshape(b * n, k, -1)
+        return self._layers(h + self.pos_embed, b, n, c)
+
+    def _layers(self, h: torch.Tensor, b: int, n: int, c: int) -> torch.Tensor:
+        """(B·N, K, dim) embedded windows → (B, N, C) centre outputs."""
+        k = h.shape[1]
         centre = k // 2
         for i, layer in enumerate(self.layers):
             if i == len(self.layers) - 1 and not self.training:
@@ -288,10 +306,26 @@ class TGatedAdapter(nn.Module):
                 f"got shape {tuple(tokens.shape)}"
             )
         centre = tokens[:, self.context // 2]
-        if self.temporal is None:
+        return self._adapt(centre, None if self.temporal is None else self.temporal(tokens))
+
+    def forward_indexed(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``forward(images[index])`` for windows given as distinct images (U, N, C) and the images
+        of each window's K slices (B, K) (:meth:`TemporalTransformer.forward_indexed`: the temporal
+        input projection once per image); the same values, without gathering the full-width
+        window tokens."""
+        if images.dim() != 3 or images.shape[-1] != self.channels or index.dim() != 2:
+            raise ValueError(
+                f"adapter expects images (U, N, C={self.channels}) and a window index (B, K={self.context}), "
+                f"got shapes {tuple(images.shape)} and {tuple(index.shape)}"
+            )
+        centre = images[index[:, self.context // 2]]
+        return self._adapt(centre, None if self.temporal is None else self.temporal.forward_indexed(images, index))
+
+    def _adapt(self, centre: torch.Tensor, h_t: torch.Tensor | None) -> torch.Tensor:
+        """Gate, spatial block and head, from the centre tokens and the temporal output (B, N, C)."""
+        if h_t is None:
             h = centre
         else:
-            h_t = self.temporal(tokens)
             if self.gate is None:
                 h = centre + h_t
             else:

@@ -570,21 +570,23 @@ class TGatedModel(nn.Module):
 
         Adapted layers go through their adapter; the others come from the centre slice. With
         ``index`` (B, K), ``token_windows`` are the tokens of distinct images (U, L, N, C) and window
-        ``b``'s k-th slice is image ``index[b, k]``: each layer gathers only what it reads (all K
-        slices for an adapted layer, the centre for the others), not every layer of every slice.
+        ``b``'s k-th slice is image ``index[b, k]``: each layer gathers only what it reads (the
+        centre for a layer without adapter; an adapter projects each image once and gathers its
+        windows from that, :meth:`TGatedAdapter.forward_indexed`), not every layer of every slice.
         """
         if index is None:
             k = token_windows.shape[1]
-            window = lambda j: token_windows[:, :, j]  # noqa: E731
+            adapted = lambda adapter, j: adapter(token_windows[:, :, j])  # noqa: E731
             centre = lambda j: token_windows[:, k // 2, j]  # noqa: E731
         else:
             k, dt = index.shape[1], self.decoder.film_mul.weight.dtype  # cached tokens may be stored narrower
-            window = lambda j: token_windows[index, j].to(dt)  # noqa: E731
+            # the adapter gathers its windows itself, after the work it can do once per image
+            adapted = lambda adapter, j: adapter.forward_indexed(token_windows[:, j].to(dt), index)  # noqa: E731
             centre = lambda j: token_windows[index[:, k // 2], j].to(dt)  # noqa: E731
         out = []
         for j, layer in enumerate(self.token_layers):
             key = str(layer)
-            out.append(self.adapters[key](window(j)) if key in self.adapters else centre(j))
+            out.append(adapted(self.adapters[key], j) if key in self.adapters else centre(j))
         return out
 
     def decode(self, activations: list[torch.Tensor], conditional: torch.Tensor) -> torch.Tensor:
