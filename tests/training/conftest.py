@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tgated.config import ExperimentConfig, apply_overrides, load_config
+from tgated.training.checkpoint import load_checkpoint
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 
@@ -53,3 +54,11 @@ def no_dropout() -> list[str]:
         "head_out_dropout",
     )
     return [f"model.adapter_config.{k}=0.0" for k in keys]
+
+
+def checkpoint_step(run: Path) -> int:
+    """The optimizer step of ``run``'s last checkpoint; -1 while there is none (or it is being written)."""
+    try:
+        return int(load_checkpoint(run / "checkpoints" / "last.pt")["step"])
+    except (FileNotFoundError, ValueError):
+        return -1

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training.conftest import checkpoint_step
 from tgated.cli import main
 from tgated.config import ModelConfig, apply_overrides, dump_yaml, load_config
 from tgated.models.dynunet import DynUNetModel, kernels_and_strides
@@ -85,13 +86,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _step(run: Path) -> int:
-    try:
-        return int(load_checkpoint(run / "checkpoints" / "last.pt")["step"])
-    except (FileNotFoundError, ValueError):
-        return -1
-
-
 @pytest.mark.slow
 def test_train_writes_a_run_that_learns(dyn_run):
     names = {p.name for p in dyn_run.iterdir()}
@@ -124,12 +118,12 @@ def test_killed_dynunet_train_resumes_to_the_same_weights(tmp_path, dyn_cfg):
         [*cmd, str(run), *workers], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 300
-    while _step(run) < 6 and proc.poll() is None and time.monotonic() < deadline:
+    while checkpoint_step(run) < 6 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # kill in the second epoch
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert 6 <= _step(run) < 12
+    assert 6 <= checkpoint_step(run) < 12
     again = subprocess.run(
         [*cmd, str(run), "--resume", "--set", "train.num_workers=1"],
         env=_env(),

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.training.conftest import checkpoint_step
 from tgated.config import dump_yaml
 from tgated.io.files import is_temporary
 from tgated.training.checkpoint import load_checkpoint
@@ -34,13 +35,6 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-def _step(run: Path) -> int:
-    try:
-        return int(load_checkpoint(run / "checkpoints" / "last.pt")["step"])
-    except (FileNotFoundError, ValueError):
-        return -1
-
-
 @pytest.mark.slow
 def test_killed_train_resumes_to_the_same_weights(tiny_cfg, tmp_path):
     # augmentation and dropout on, a checkpoint every 2 optimizer steps, validation every epoch
@@ -54,19 +48,19 @@ def test_killed_train_resumes_to_the_same_weights(tiny_cfg, tmp_path):
     run = tmp_path / "killed"
     proc = _train(path, run)
     deadline = time.monotonic() + 300
-    while _step(run) < 30 and proc.poll() is None and time.monotonic() < deadline:
+    while checkpoint_step(run) < 30 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # kill in the second epoch, after its first checkpoints
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    stopped = _step(run)
+    stopped = checkpoint_step(run)
     assert 30 <= stopped < 72
     # only complete files: a checkpoint that loads, no stray temporaries except in-flight ones
     assert all(is_temporary(p) or p.name in {"config.yaml", "splits.json", "model", "checkpoints",
                "log.csv", "val.json"} for p in run.iterdir())  # fmt: skip
 
     _finish(_train(path, run, "--resume"))
-    assert _step(run) == _step(full) == 72
+    assert checkpoint_step(run) == checkpoint_step(full) == 72
     a, b = _weights(full), _weights(run)
     assert a.keys() == b.keys()
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6

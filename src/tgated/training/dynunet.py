@@ -280,43 +280,10 @@ class DynUNetTrainer(Trainer):
 
     # ------------------------------------------------------------------ validation and logs
 
-    def _validate(self) -> dict[str, Any]:
-        from tgated.data.datasets import load_case
+    def _val_predictor(self) -> Any:
         from tgated.inference.dynunet import DynUNetPredictor
-        from tgated.metrics import dice
 
-        predictor = DynUNetPredictor(self.model, device=self.device)
-        rows: list[tuple[str, str, float]] = []
-        pred_log = logging.getLogger("tgated.inference.predictor")
-        level = pred_log.level
-        pred_log.setLevel(max(level, logging.WARNING))
-        try:
-            for case in self.val_cases[self.ctx.rank :: self.ctx.world_size]:
-                image, label = load_case(case)
-                modality = case.modality or image.modality or self.cfg.model.preprocess.modality
-                pred = predictor.predict_volume(image, modality=modality).labels
-                for organ in self.model.organs:
-                    if organ.name in case.labelled:
-                        g, p = label.data == organ.id, pred == organ.id
-                        if g.any() or p.any():
-                            rows.append((case.case_id, organ.name, float(dice(g, p))))
-        finally:
-            pred_log.setLevel(level)
-            self.model.train()
-        all_rows = [r for part in self.ctx.all_gather(rows) for r in part]
-        organs = {}
-        for o in self.model.organs:
-            vals = [d for _, name, d in all_rows if name == o.name]
-            if vals:
-                organs[o.name] = {"dice": float(np.mean(vals)), "n": len(vals)}
-        mean = float(np.mean([v["dice"] for v in organs.values()])) if organs else float("nan")
-        return {
-            "epoch": self.epoch + 1,
-            "step": self.step,
-            "mean_dice": None if math.isnan(mean) else mean,
-            "cases": len(self.val_cases),
-            "organs": organs,
-        }
+        return DynUNetPredictor(self.model, device=self.device)
 
     def _end_epoch(self, started: float) -> None:
         val = None

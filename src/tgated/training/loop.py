@@ -134,8 +134,6 @@ LOG_COLUMNS: tuple[str, ...] = (
 """``log.csv``'s columns; models with adapters add ``gate_open_l<layer>`` and
 ``temporal_share_l<layer>`` per adapted layer (see :meth:`TGatedModel.pop_adapter_stats`)."""
 VAL_BATCH_SIZE = 16
-VAL_CACHE_GB = 4.0
-"""Validation volumes are kept in memory between validations up to this size."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +358,6 @@ class _Trainer(Trainer):
 
     def __init__(self, cfg: ExperimentConfig, run: Path, ctx: DistContext, resume: bool, quiet: bool) -> None:
         super().__init__(cfg, run, ctx, resume, quiet)
-        self._val_volumes: dict[str, tuple[Any, Any]] = {}
         self._tb: Any = None
         self._cache: TokenCache | None = None
 
@@ -552,57 +549,21 @@ class _Trainer(Trainer):
 
     # ------------------------------------------------------------------ validation
 
-    def _val_volume(self, case: Any) -> tuple[Any, Any]:
-        from tgated.data.datasets import load_case
-
-        if case.case_id in self._val_volumes:
-            return self._val_volumes[case.case_id]
-        image, label = load_case(case)
-        held = sum(im.data.nbytes + lb.data.nbytes for im, lb in self._val_volumes.values())
-        if (held + image.data.nbytes + label.data.nbytes) / 1e9 <= VAL_CACHE_GB:
-            self._val_volumes[case.case_id] = (image, label)
-        return image, label
-
-    def _validate(self) -> dict[str, Any]:
-        """3-D Dice per organ on the validation cases; with context (K > 1) and
-        ``val_context_ablation`` also with every window's neighbours replaced by its centre slice."""
+    def _val_predictor(self) -> Any:
         from tgated.inference.predictor import Predictor
-        from tgated.metrics import dice
 
-        mine = self.val_cases[self.ctx.rank :: self.ctx.world_size]
-        variants = ["real"]
+        return Predictor(self.model, device=self.device, batch_size=VAL_BATCH_SIZE, quiet=True)
+
+    def _val_variants(self) -> tuple[str, ...]:
+        """With context (K > 1) and ``val_context_ablation`` also the pass with every window's
+        neighbours replaced by its centre slice (``centre``: ``mean_dice_centre_only``)."""
         if self.model.context > 1 and self.t.val_context_ablation:
-            variants.append("centre")
-        rows: list[tuple[str, str, str, float]] = []
-        predictor = Predictor(self.model, device=self.device, batch_size=VAL_BATCH_SIZE, quiet=True)
-        try:
-            for case in mine:
-                image, label = self._val_volume(case)
-                modality = case.modality or image.modality or self.cfg.model.preprocess.modality
-                for variant in variants:
-                    pred = predictor.predict_volume(image, modality=modality, neighbours=variant).labels
-                    for organ in self.model_organs:
-                        if organ.name not in case.labelled:
-                            continue
-                        g, p = label.data == organ.id, pred == organ.id
-                        if g.any() or p.any():
-                            rows.append((variant, case.case_id, organ.name, float(dice(g, p))))
-        finally:
-            self.model.pop_adapter_stats()  # validation passes are not training statistics
-            self.model.train()
-        all_rows = [r for part in self.ctx.all_gather(rows) for r in part]
-        out: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "cases": len(self.val_cases)}
-        for variant in variants:
-            organs: dict[str, dict[str, float]] = {}
-            for o in self.model_organs:
-                vals = [d for v, _, name, d in all_rows if v == variant and name == o.name]
-                if vals:
-                    organs[o.name] = {"dice": float(np.mean(vals)), "n": len(vals)}
-            mean = float(np.mean([v["dice"] for v in organs.values()])) if organs else float("nan")
-            suffix = "" if variant == "real" else "_centre_only"
-            out[f"mean_dice{suffix}"] = None if math.isnan(mean) else mean
-            out[f"organs{suffix}"] = organs
-        return out
+            return ("real", "centre")
+        return ("real",)
+
+    def _after_validation(self) -> None:
+        self.model.pop_adapter_stats()  # validation passes are not training statistics
+        super()._after_validation()
 
     # ------------------------------------------------------------------ epoch end
 

@@ -10,14 +10,17 @@ and supplies:
   alone, not on the process, the worker or where a run was interrupted);
 * :meth:`Trainer._batch_loss` — one batch → the loss to back-propagate and the terms to log;
 * :meth:`Trainer._set_lr` — the learning rates of the next optimizer step;
-* :meth:`Trainer._validate` and :meth:`Trainer._end_epoch` — its validation and its log row.
+* :meth:`Trainer._val_predictor` (and :meth:`Trainer._val_variants`) — the predictor of ``tgated
+  predict`` that validation segments each validation volume with;
+* :meth:`Trainer._end_epoch` — its log row.
 
 The base runs the rest the same way for both: the run folder's files, batches per epoch, DDP,
 the epoch (:meth:`Trainer._train_epoch`: the ``DataLoader`` started at the interrupted batch,
 gradient accumulation with DDP's ``no_sync`` between optimizer steps, the running loss sums, the
 progress bar, ``max_steps`` and ``checkpoint_every``), the optimizer step (GradScaler, gradient
 clipping), the checkpoint (``RUN/checkpoints/last.pt``: model, optimizer, scaler, position, loss
-sums, validation history, every process's generator states) and its exact restore, the best model,
+sums, validation history, every process's generator states) and its exact restore, validation
+(:meth:`Trainer._validate`: 3-D Dice per organ, cases sharded over the processes), the best model,
 ``log.csv`` / ``val.json`` and :meth:`Trainer.run_all`.
 """
 
@@ -27,6 +30,7 @@ import contextlib
 import csv
 import io
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -57,6 +61,9 @@ from tgated.training.checkpoint import (
 from tgated.training.distributed import DistContext
 
 logger = logging.getLogger(__name__)
+
+VAL_CACHE_GB = 4.0
+"""Validation volumes are kept in memory between validations up to this size."""
 
 RUN_FILES: tuple[str, ...] = ("config.yaml", "splits.json", "log.csv", "val.json", "model", "model.old")
 """The run folder's own files (leftover temporaries of these are removed when a run starts)."""
@@ -322,6 +329,7 @@ class Trainer:
         self.losses = LossMeter(self.loss_names)
         self.best_dice: float | None = None
         self.best_epoch: int | None = None
+        self._val_volumes: dict[str, tuple[Any, Any]] = {}
 
     def info(self, msg: str, *args: Any) -> None:
         """Log at INFO on rank 0 (other ranks: DEBUG), so a message appears once per run."""
@@ -348,8 +356,13 @@ class Trainer:
         """Set the learning rates of optimizer step ``self.step``."""
         raise NotImplementedError
 
-    def _validate(self) -> dict[str, Any]:
+    def _val_predictor(self) -> Any:
+        """The predictor of ``tgated predict`` for the model being trained."""
         raise NotImplementedError
+
+    def _val_variants(self) -> tuple[str, ...]:
+        """The validation passes: ``real``, and others the predictor knows (``neighbours=...``)."""
+        return ("real",)
 
     def _end_epoch(self, started: float) -> None:
         """Validate when due, log the epoch's row and call :meth:`_next_epoch`."""
@@ -569,6 +582,61 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ epoch end
+
+    def _val_volume(self, case: Any) -> tuple[Any, Any]:
+        """A validation case's image and label, kept in memory up to :data:`VAL_CACHE_GB` in all."""
+        from tgated.data.datasets import load_case
+
+        if case.case_id in self._val_volumes:
+            return self._val_volumes[case.case_id]
+        image, label = load_case(case)
+        held = sum(im.data.nbytes + lb.data.nbytes for im, lb in self._val_volumes.values())
+        if (held + image.data.nbytes + label.data.nbytes) / 1e9 <= VAL_CACHE_GB:
+            self._val_volumes[case.case_id] = (image, label)
+        return image, label
+
+    def _validate(self) -> dict[str, Any]:
+        """3-D Dice per labelled organ of every validation case (cases sharded over the processes and
+        gathered; organs absent from both masks skipped), for each of :meth:`_val_variants`: the mean
+        over organs of the per-organ means over cases (``mean_dice``, ``organs``; other variants with
+        the suffix ``_<variant>_only``)."""
+        from tgated.metrics import dice
+
+        variants = self._val_variants()
+        predictor = self._val_predictor()
+        rows: list[tuple[str, str, str, float]] = []
+        try:
+            for case in self.val_cases[self.ctx.rank :: self.ctx.world_size]:
+                image, label = self._val_volume(case)
+                modality = case.modality or image.modality or self.cfg.model.preprocess.modality
+                for variant in variants:
+                    extra = {} if variant == "real" else {"neighbours": variant}
+                    pred = predictor.predict_volume(image, modality=modality, **extra).labels
+                    for organ in self.model.organs:
+                        if organ.name not in case.labelled:
+                            continue
+                        g, p = label.data == organ.id, pred == organ.id
+                        if g.any() or p.any():
+                            rows.append((variant, case.case_id, organ.name, float(dice(g, p))))
+        finally:
+            self._after_validation()
+        all_rows = [r for part in self.ctx.all_gather(rows) for r in part]
+        out: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "cases": len(self.val_cases)}
+        for variant in variants:
+            organs: dict[str, dict[str, float]] = {}
+            for o in self.model.organs:
+                vals = [d for v, _, name, d in all_rows if v == variant and name == o.name]
+                if vals:
+                    organs[o.name] = {"dice": float(np.mean(vals)), "n": len(vals)}
+            mean = float(np.mean([v["dice"] for v in organs.values()])) if organs else float("nan")
+            suffix = "" if variant == "real" else f"_{variant}_only"
+            out[f"mean_dice{suffix}"] = None if math.isnan(mean) else mean
+            out[f"organs{suffix}"] = organs
+        return out
+
+    def _after_validation(self) -> None:
+        """Back to training after the validation passes."""
+        self.model.train()
 
     def _validation_due(self) -> bool:
         """Every ``val_every`` epochs and after the last, when there are validation cases."""
