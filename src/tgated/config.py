@@ -245,6 +245,13 @@ class DynUNetTrainConfig:
     """Probability of a flip along each axis (the published recipe flips all three, labels unchanged)."""
     rotate90_prob: float = 0.1
     """Probability of an axial rotation by 90°, 180° or 270°."""
+    deep_supervision_weights: list[float] = field(default_factory=list)
+    """Loss weights of the full-resolution output and of each deep-supervision head (1 +
+    ``model.dynunet.deep_supr_num`` values, used as given); empty = 1, 1/2, 1/4 ... normalised to sum
+    to 1. The published baseline uses [0.5333, 0.2667, 0.2]."""
+    dice_background: bool = True
+    """Include the background channel in DiceCE's Dice term (MONAI ``include_background``; the
+    cross-entropy always covers every class). The published baseline leaves it out."""
 
 
 @dataclass
@@ -323,6 +330,10 @@ class TrainConfig:
     organ covers about 1 % of a slice: with plain BCE the background's pull drives the logits of
     small organs to about −14 everywhere early in training from a random backbone, and the organ
     never comes back (its Dice gradient vanishes in the saturated sigmoid); see docs/evidence.md."""
+    dice_smooth: float = 1.0
+    """Smoothing ``s`` of the soft Dice ``(2 Σ p·t + s) / (Σ p + Σ t + s)`` per sample: 1 (ours) lets
+    a negative sample predicted empty cost nothing; the published code uses MONAI ``DiceLoss``'s 1e-5,
+    with which every negative sample costs a Dice loss of about 1."""
     cache_tokens: Literal["auto", "off", "memory", "disk"] = "auto"
     """Cache vision tokens when the backbone is frozen (turns image-space augmentation off)."""
     cache_max_gb: float = 8.0

@@ -49,6 +49,34 @@ def test_config_errors_name_the_key():
         DynUNetModel(ModelConfig())
 
 
+def test_deep_supervision_weights_and_dice_background():
+    """Default head weights 1, 1/2, 1/4 normalised; the published [0.5333, 0.2667, 0.2] as given; a
+    wrong count is an error naming the key before training; dice_background reaches MONAI's loss."""
+    from tgated.training.dynunet import check_dynunet_train_config, deep_supervision_weights
+
+    cfg = apply_overrides(load_config(CONFIG), ["data.root=x", "model.dynunet.deep_supr_num=2"])
+    assert deep_supervision_weights(cfg) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    published = apply_overrides(cfg, ["train.dynunet.deep_supervision_weights=[0.5333,0.2667,0.2]"])
+    assert deep_supervision_weights(published) == [0.5333, 0.2667, 0.2]
+    no_ds = apply_overrides(cfg, ["model.dynunet.deep_supervision=false"])
+    assert deep_supervision_weights(no_ds) == [1.0]
+    bad = apply_overrides(cfg, ["train.dynunet.deep_supervision_weights=[0.5,0.5]"])
+    with pytest.raises(ValueError, match=r"train.dynunet.deep_supervision_weights=\[0.5, 0.5\]: expected 3 finite"):
+        check_dynunet_train_config(bad)
+    from tgated.training.dynunet import dice_ce_loss
+
+    out = torch.zeros(1, 3, 4, 4, 4)
+    out[:, 0] = 5.0  # background everywhere, confidently
+    label = torch.zeros(1, 1, 4, 4, 4)
+    label[..., :2] = 1  # half the voxels are class 1
+    ours = dice_ce_loss(cfg)
+    published = dice_ce_loss(apply_overrides(cfg, ["train.dynunet.dice_background=false"]))
+    assert ours.dice.include_background and not published.dice.include_background
+    # the well-predicted background channel no longer lowers the Dice term; the cross-entropy is the same
+    assert float(published(out, label)) > float(ours(out, label))
+    assert float(published.ce(out, label[:, 0].long()[:, None])) == pytest.approx(float(ours.ce(out, label[:, 0].long()[:, None])))
+
+
 def test_save_load_round_trip_and_tampering(tmp_path):
     cfg = load_config(CONFIG)
     model = DynUNetModel.from_config(cfg.model, seed=3).eval()

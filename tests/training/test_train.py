@@ -240,6 +240,10 @@ def test_resume_checks_the_config_and_the_checkpoint(tiny_cfg, tmp_path):
         ("train.organ_weights={pancreaz: 3}", "Did you mean 'pancreas'"),
         ("train.num_workers=-1", "train.num_workers=-1: expected an integer >= 0 or auto"),
         ("train.num_workers=many", "expected int | 'auto'"),
+        ("train.dice_smooth=0", r"train.dice_smooth=0.0: expected a positive smoothing constant"),
+        ("train.min_lr=0.01", r"train.min_lr=0.01: expected at most every learning rate in use, but "
+         r"train.lr_decoder=0.001 is lower"),
+        ("model.train_text=true", r"model.train_text=true with model.conditioning='learned'"),
     ],
 )
 def test_bad_training_settings_are_errors(tiny_cfg, tmp_path, override, fragment):

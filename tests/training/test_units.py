@@ -82,6 +82,31 @@ def test_bce_pos_weight_by_hand():
     check_config(cfg)
 
 
+def test_dice_smoothing_of_the_published_loss():
+    """``dice_smooth`` 1e-5 is MONAI's DiceLoss(sigmoid=True): p = 0.5 on 4 pixels, one foreground:
+    Dice = (2·0.5 + 1e-5) / (2 + 1 + 1e-5); an empty target costs about 1 even when almost nothing is
+    predicted (Σp = 4·σ(−10) ≈ 1.8e-4)."""
+    logits = torch.zeros(1, 2, 2)
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    parts = segmentation_loss(logits, target, dice_smooth=1e-5)
+    assert parts.dice.item() == pytest.approx(1 - (1 + 1e-5) / (3 + 1e-5))
+    s = 4 / (1 + math.exp(10.0))
+    empty = torch.zeros(1, 2, 2)
+    assert soft_dice_loss(torch.full((1, 2, 2), -10.0), empty, 1e-5).item() == pytest.approx(1 - 1e-5 / (s + 1e-5))
+    assert soft_dice_loss(torch.full((1, 2, 2), -10.0), empty, 1e-5).item() > 0.9
+    assert soft_dice_loss(torch.full((1, 2, 2), -10.0), empty).item() < 2e-4  # ours: about 0
+    try:
+        from monai.losses import DiceLoss
+    except ImportError:
+        return
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 8, generator=g) * 3
+    t = (torch.rand(3, 8, 8, generator=g) > 0.7).float()
+    t[1] = 0  # an empty target among them
+    ref = DiceLoss(sigmoid=True, batch=False, include_background=True)(x[:, None], t[:, None])
+    assert soft_dice_loss(x, t, 1e-5).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
 def test_cosine_schedule_with_warm_restarts():
     r = 0.01
     assert cosine_restart_factor(0, 10, r) == pytest.approx(1.0)

@@ -13,8 +13,9 @@ network, the loss and the validation:
   ``RandFlipd`` along each axis and ``RandRotate90d`` in the axial plane, with the transforms' random
   state set from ``(seed, train.seed, epoch, sample index)``: a patch does not depend on the process,
   the worker or on where a run was interrupted, so resume is exact and DDP matches one process.
-* Loss: MONAI ``DiceCELoss`` (softmax, one-hot targets) over the deep-supervision heads, weighted 1, 1/2,
-  1/4 ... (normalised); AdamW at ``train.dynunet.lr``; cosine warm restarts as for T-Gated
+* Loss: MONAI ``DiceCELoss`` (softmax, one-hot targets; ``train.dynunet.dice_background``) over the
+  deep-supervision heads, weighted 1, 1/2, 1/4 ... (normalised) or by
+  ``train.dynunet.deep_supervision_weights``; AdamW at ``train.dynunet.lr``; cosine warm restarts as for T-Gated
   (:func:`tgated.training.loop.scheduled_lr`: ``train.warm_restart_epochs``, ``schedule_step``,
   ``min_lr``, ``min_lr_ratio``), gradient clipping, AMP on CUDA.
 * Validation: sliding-window inference of every validation volume by the predictor of ``tgated
@@ -38,10 +39,35 @@ from tgated.config import ExperimentConfig
 from tgated.progress import progress
 from tgated.training.augment import sample_rng
 from tgated.training.distributed import DistContext
-from tgated.training.loop import check_min_lr, scheduled_lr
+from tgated.training.loop import scheduled_lr
 from tgated.training.trainer import RankBatches, Trainer, split_cases
 
 logger = logging.getLogger(__name__)
+
+
+def dice_ce_loss(cfg: ExperimentConfig) -> Any:
+    """MONAI ``DiceCELoss`` on softmax outputs and label maps (one-hot inside), the Dice term with or
+    without the background channel (``train.dynunet.dice_background``)."""
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.train.dynunet.dice_background)
+
+
+def deep_supervision_weights(cfg: ExperimentConfig) -> list[float]:
+    """Loss weight of each output head: ``train.dynunet.deep_supervision_weights``, or 1, 1/2, 1/4 ...
+    normalised to sum to 1; a wrong count or value is an error naming the key."""
+    d = cfg.model.dynunet
+    heads = 1 + (d.deep_supr_num if d.deep_supervision else 0)
+    given = list(cfg.train.dynunet.deep_supervision_weights)
+    if not given:
+        w = np.array([0.5**i for i in range(heads)])
+        return (w / w.sum()).tolist()
+    if len(given) != heads or not all(math.isfinite(v) and v >= 0 for v in given) or sum(given) <= 0:
+        raise ValueError(
+            f"train.dynunet.deep_supervision_weights={given}: expected {heads} finite weights >= 0, not all 0 "
+            f"(the full-resolution output and {heads - 1} deep-supervision head(s)), or [] for 1, 1/2, 1/4 ..."
+        )
+    return [float(v) for v in given]
 
 LOG_COLUMNS: tuple[str, ...] = ("epoch", "step", "lr", "loss", "val_dice", "time_s")
 
@@ -58,6 +84,7 @@ def check_dynunet_train_config(cfg: ExperimentConfig) -> None:
         v = getattr(d, key)
         if not 0 <= v <= 1:
             raise ValueError(f"train.dynunet.{key}={v}: expected a probability in [0, 1]")
+    deep_supervision_weights(cfg)
 
 
 def init_seed(cfg: ExperimentConfig) -> int:
@@ -192,8 +219,6 @@ class DynUNetTrainer(Trainer):
         self.log_columns = list(LOG_COLUMNS)
 
     def setup(self) -> None:
-        from monai.losses import DiceCELoss
-
         from tgated.models.dynunet import DynUNetModel
 
         cfg, t = self.cfg, self.t
@@ -222,16 +247,13 @@ class DynUNetTrainer(Trainer):
         )
         self._write_run_files(self.splits)
         self._plan_batches(len(self.sources) * t.dynunet.samples_per_volume)
-        check_min_lr(t, {"train.dynunet.lr": t.dynunet.lr})
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=t.dynunet.lr, weight_decay=t.weight_decay
         )
         self.base_lr = t.dynunet.lr
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        heads = 1 + (cfg.model.dynunet.deep_supr_num if cfg.model.dynunet.deep_supervision else 0)
-        w = np.array([0.5**i for i in range(heads)])
-        self.head_weights = (w / w.sum()).tolist()
+        self.loss_fn = dice_ce_loss(cfg)
+        self.head_weights = deep_supervision_weights(cfg)
         self._wrap_ddp()
         if self.ckpt_path is not None:
             self._load_checkpoint()

@@ -212,6 +212,7 @@ def check_config(cfg: ExperimentConfig) -> None:
     _need(t.warm_restart_epochs >= 1, "train.warm_restart_epochs", t.warm_restart_epochs, "an integer >= 1")
     _need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "a number in [0, 1]")
     _need(math.isfinite(t.min_lr) and t.min_lr >= 0, "train.min_lr", t.min_lr, "a finite learning rate >= 0")
+    check_min_lr(t, _rates_in_use(cfg))
     _need(0 <= t.negative_fraction < 1, "train.negative_fraction", t.negative_fraction, "a number in [0, 1)")
     _need(0 <= t.flip_lr <= 1, "train.flip_lr", t.flip_lr, "a probability in [0, 1]")
     _need(0 <= t.rotate_deg <= 180, "train.rotate_deg", t.rotate_deg, "degrees in [0, 180]")
@@ -228,6 +229,12 @@ def check_config(cfg: ExperimentConfig) -> None:
         "train.bce_pos_weight",
         t.bce_pos_weight,
         "a weight > 0 (1 = plain BCE)",
+    )
+    _need(
+        math.isfinite(t.dice_smooth) and t.dice_smooth > 0,
+        "train.dice_smooth",
+        t.dice_smooth,
+        "a positive smoothing constant (1 = ours, 1e-5 = MONAI's)",
     )
     _need(t.val_every >= 1, "train.val_every", t.val_every, "an integer >= 1")
     _need(t.val_max_cases >= 0, "train.val_max_cases", t.val_max_cases, "an integer >= 0 (0 = all)")
@@ -273,6 +280,23 @@ def scheduled_lr(base: float, t: TrainConfig, *, step: int, epoch: int, steps_pe
     else:
         factor = cosine_restart_factor(step, t.warm_restart_epochs * steps_per_epoch, t.min_lr_ratio)
     return t.min_lr + (base - t.min_lr) * factor
+
+
+def _rates_in_use(cfg: ExperimentConfig) -> dict[str, float]:
+    """The learning rates the config's trainable parts use: config key → rate."""
+    t, m = cfg.train, cfg.model
+    if m.model_type == "dynunet":
+        return {"train.dynunet.lr": t.dynunet.lr}
+    rates = {"train.lr_decoder": t.lr_decoder}
+    if m.adapter != "none":
+        rates["train.lr_adapter"] = t.lr_adapter
+    if m.train_backbone:
+        rates["train.lr_backbone"] = t.lr_backbone
+    if m.train_text:
+        rates["train.lr_text"] = t.lr_text
+    if m.conditioning == "learned" or (m.conditioning == "auto" and m.backbone.source == "random"):
+        rates["train.lr_conditioning"] = t.lr_conditioning
+    return rates
 
 
 def check_min_lr(t: TrainConfig, rates: dict[str, float]) -> None:
@@ -455,7 +479,6 @@ class _Trainer(Trainer):
             "conditioning": t.lr_conditioning,
             "text": t.lr_text,
         }
-        check_min_lr(t, {f"train.lr_{name}": lrs[name] for name, ps in groups.items() if ps})
         self.optimizer = torch.optim.AdamW(
             [{"params": ps, "lr": lrs[name], "name": name} for name, ps in groups.items() if ps],
             lr=t.lr_decoder,
@@ -541,7 +564,12 @@ class _Trainer(Trainer):
             else:
                 logits = self.net(token_windows=inputs, organs=organs)
         parts = segmentation_loss(
-            logits, masks, bce_weight=t.bce_weight, dice_weight=t.dice_weight, pos_weight=t.bce_pos_weight
+            logits,
+            masks,
+            bce_weight=t.bce_weight,
+            dice_weight=t.dice_weight,
+            pos_weight=t.bce_pos_weight,
+            dice_smooth=t.dice_smooth,
         )
         gate = self.model.gate_regularization().float()
         loss = parts.total + gate

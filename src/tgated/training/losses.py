@@ -2,9 +2,10 @@
 
 ``loss = bce_weight · BCE + dice_weight · (1 − soft Dice)`` (BCE with the organ's pixels weighted by
 ``pos_weight``, ``train.bce_pos_weight``) with, per sample,
-``soft Dice = (2 Σ p·t + 1) / (Σ p + Σ t + 1)`` (``p = sigmoid(logits)``, sums over pixels, smoothing
-1), both averaged over the batch. The smoothing makes a negative sample (empty target) cost
-``1 − 1 / (Σ p + 1)``: zero when nothing is predicted. The gate regulariser of the model
+``soft Dice = (2 Σ p·t + s) / (Σ p + Σ t + s)`` (``p = sigmoid(logits)``, sums over pixels, smoothing
+``s = train.dice_smooth``, 1 by default), both averaged over the batch. With ``s = 1`` a negative
+sample (empty target) costs ``1 − 1 / (Σ p + 1)``: zero when nothing is predicted; with MONAI's
+``s = 1e-5`` (the published code) it costs about 1 whatever is predicted. The gate regulariser of the model
 (:meth:`tgated.models.tgated.TGatedModel.gate_regularization`) is added by the training loop.
 """
 
@@ -41,6 +42,7 @@ def segmentation_loss(
     bce_weight: float = 1.0,
     dice_weight: float = 1.0,
     pos_weight: float = 1.0,
+    dice_smooth: float = DICE_SMOOTH,
 ) -> LossParts:
     """BCE + soft Dice for logits (B, H, W) and binary targets (B, H, W); ``pos_weight`` weights the
     BCE of target pixels."""
@@ -48,5 +50,5 @@ def segmentation_loss(
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(target.shape)} differ in shape")
     weight = None if pos_weight == 1.0 else torch.tensor(float(pos_weight), device=logits.device)
     bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=weight)
-    dice = soft_dice_loss(logits, target)
+    dice = soft_dice_loss(logits, target, dice_smooth)
     return LossParts(total=bce_weight * bce + dice_weight * dice, bce=bce, dice=dice)
