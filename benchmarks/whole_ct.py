@@ -9,8 +9,8 @@ have random weights, which does not change their cost). It is segmented
 * by the 3-D baseline's recipe, with MONAI's own pieces: ``Spacing`` to 1.5 mm isotropic, HU
   [−125, 275] → [0, 1], ``sliding_window_inference`` with 96³ windows, overlap 0.5, Gaussian weighting,
   through the project's ``DynUNet`` as ``configs/flare22_dynunet.yaml`` builds it (the published
-  baseline's network: five 3³ stages, strides 1-2-2-2-2, filters 32-320, residual blocks, 14 output
-  channels, 16.7 M parameters), argmax, and the labels resampled
+  baseline's network: five 3³ stages, strides 1-2-2-2-2, filters 32-320, plain convolution blocks,
+  14 output channels, 16.5 M parameters), argmax, and the labels resampled
   back to the native grid (nearest). Resampling labels instead of probabilities is the cheaper
   choice; the ratio is, if anything, in DynUNet's favour.
 
@@ -147,8 +147,8 @@ def encoded_slices(z: int, chunk: int, k: int) -> int:
 
 def dynunet(roi: int) -> torch.nn.Module:
     """The 3-D baseline as ``tgated train`` builds it from ``configs/flare22_dynunet.yaml`` (the
-    published baseline's network: 5 levels for 96³, filters 32-320, residual blocks, 14 output
-    channels), with the window edge set to ``roi``."""
+    published baseline's network: 5 levels for 96³, filters 32-320, plain convolution blocks, 14
+    output channels), with the window edge set to ``roi``."""
     from tgated.config import load_config
     from tgated.models.dynunet import DynUNetModel
 

@@ -83,6 +83,7 @@ TINY_DYNUNET = [
     "model.dynunet.patch_size=[32,32,16]",
     "model.dynunet.filters=[8,16,32,64]",
     "model.dynunet.deep_supr_num=1",
+    "train.dynunet.deep_supervision_weights=[]",  # the recipe's three weights are for two heads
     "train.epochs=1",
     "train.steps_per_epoch=4",
     "train.batch_size=2",
