@@ -194,8 +194,8 @@ class ModelConfig:
     published code does; its output projection stays frozen (the published code leaves it out of its
     optimizer). False: frozen, each prompt's embedding computed once and cached."""
     conditioning: Literal["auto", "text", "learned"] = "auto"
-    """How the decoder is told which organ to segment: ``text`` = the frozen text tower's prompt
-    embedding (the paper); ``learned`` = a trainable embedding per organ, initialised from the text
+    """How the decoder is told which organ to segment: ``text`` = the text tower's prompt
+    embedding (the paper; frozen unless ``train_text``); ``learned`` = a trainable embedding per organ, initialised from the text
     embeddings, or orthogonally when the backbone is random (a random text tower maps every prompt to
     nearly the same vector); ``auto`` = ``learned`` for ``backbone.source: random``, else ``text``.
     A saved model records the resolved value."""

@@ -13,6 +13,12 @@ Layer numbering follows CLIPSeg's ``extract_layers``: layer ``i`` is the output 
 ``CLIPSegForImageSegmentation.forward`` runs the vision tower under ``no_grad``; here it is composed
 by hand and stops after the deepest layer used, so no parameter is left without a gradient.
 
+The text tower gives each organ's conditioning vector (``conditioning: text``): frozen by default,
+each prompt encoded once and cached; with ``train_text`` its transformer trains (the published
+recipe) while its output projection stays frozen, as the published code leaves it out of its
+optimizer. A training forward then encodes the batch's prompts with gradients, and the cache is
+dropped whenever the text weights change.
+
 Entry points
 ------------
 * training: ``model(pixel_windows=(B, K, C, S, S), organs=...)`` (end to end, augmentation
@@ -319,7 +325,7 @@ class TGatedModel(nn.Module):
             vm.pre_layrnorm.requires_grad_(True)
             for layer in vm.encoder.layers[: self.deepest + 1]:
                 layer.requires_grad_(True)
-        if self.config.train_text:  # the transformer; text_projection stays frozen (module docstring)
+        if self.config.train_text:  # the transformer; text_projection stays frozen
             self.backbone.clip.text_model.requires_grad_(True)
         self.decoder.requires_grad_(True)
         n_inputs = len(self.token_layers)
