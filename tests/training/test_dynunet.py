@@ -77,6 +77,29 @@ def test_deep_supervision_weights_and_dice_background():
     assert float(published.ce(out, label[:, 0].long()[:, None])) == pytest.approx(float(ours.ce(out, label[:, 0].long()[:, None])))
 
 
+def test_memory_check_names_the_fix():
+    """A volume too large for memory fails before any work, with the DynUNet's own advice: drop the
+    probabilities when that is enough, else crop (its tiles do not grow with the volume)."""
+    from tgated.inference.dynunet import DynUNetPredictor
+
+    cfg = load_config(CONFIG)
+    pred = DynUNetPredictor(DynUNetModel.from_config(cfg.model, seed=0), device="cpu")
+    shape = (512, 512, 2000)
+    kept, lean = pred.memory_estimate(shape, 4, True), pred.memory_estimate(shape, 4, False)
+    assert kept.work_gb == lean.work_gb and kept.volume_gb > lean.volume_gb > 0
+    with pytest.raises(ValueError, match=r"GB is available; leave out --save-probabilities$"):
+        pred.check_memory(shape, 4, True, available_gb=(lean.host_gb + kept.host_gb) / 2)
+    with pytest.raises(ValueError) as exc:
+        pred.check_memory(shape, 4, True, source="big.nii.gz", available_gb=1.0)
+    assert str(exc.value) == (
+        f"big.nii.gz: segmenting (512, 512, 2000) voxels × 4 organs needs about {kept.host_gb:.1f} GB of "
+        f"memory ({kept.volume_gb:.1f} GB for the volume and its outputs, {kept.work_gb:.1f} GB for 2 tiles "
+        "of 32×32×16 voxels at a time on cpu), but only 1.0 GB is available; crop the volume and leave out "
+        "--save-probabilities"
+    )
+    assert pred.check_memory(shape, 4, True, available_gb=kept.host_gb + 1) == kept  # fits: no error
+
+
 def test_save_load_round_trip_and_tampering(tmp_path):
     cfg = load_config(CONFIG)
     model = DynUNetModel.from_config(cfg.model, seed=3).eval()

@@ -1,8 +1,9 @@
 """Volume → label map with the 3-D DynUNet baseline (:class:`~tgated.models.dynunet.DynUNetModel`).
 
-The same contract as :class:`tgated.inference.predictor.Predictor` (``organs_for``,
-``check_memory``, ``predict_volume`` returning a :class:`~tgated.inference.predictor.Prediction` on
-the volume's own grid), so ``tgated predict``, validation and ``evaluate`` treat both models alike:
+The same contract as :class:`tgated.inference.predictor.Predictor`
+(:class:`~tgated.inference.predictor.VolumePredictor`: ``organs_for``, ``check_memory`` of host and
+GPU memory, ``predict_volume`` returning a :class:`~tgated.inference.predictor.Prediction` on the
+volume's own grid), so ``tgated predict``, validation and ``evaluate`` treat both models alike:
 
 1. intensities normalised as the saved ``preprocess`` says (CT window, MR percentiles);
 2. MONAI ``Spacing`` to the model's voxel size and ``CropForeground`` (:func:`preprocessing`);
@@ -14,9 +15,9 @@ the volume's own grid), so ``tgated predict``, validation and ``evaluate`` treat
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,18 +29,16 @@ from tgated.inference.predictor import (
     RUNTIME_OVERHEAD_GB,
     MemoryEstimate,
     Prediction,
-    available_memory_gb,
-    choose_organs,
+    VolumePredictor,
     resolve_device,
     resolve_modality,
 )
 from tgated.inference.probabilities import WRITE_BYTES_PER_VOXEL, ProbabilityMaps
 from tgated.io.volumes import Volume
 from tgated.models.dynunet import DynUNetModel, preprocessing
-from tgated.organs import Organ
 
 
-class DynUNetPredictor:
+class DynUNetPredictor(VolumePredictor):
     """Segments canonical volumes with a :class:`DynUNetModel` by sliding-window inference."""
 
     def __init__(
@@ -53,9 +52,6 @@ class DynUNetPredictor:
     def from_path(cls, path: str | os.PathLike, device: str | None = "auto", **kwargs) -> DynUNetPredictor:
         dev = resolve_device(device)
         return cls(DynUNetModel.from_pretrained(path, device=dev), device=dev, **kwargs)
-
-    def organs_for(self, organs) -> tuple[Organ, ...]:
-        return choose_organs(self.model.organs, organs)
 
     def memory_estimate(
         self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool = False
@@ -73,32 +69,28 @@ class DynUNetPredictor:
         work = d.sw_batch_size * tile * filters[0] * 4 * 12
         return MemoryEstimate(native / GB, work / GB + RUNTIME_OVERHEAD_GB, self.device.type)
 
-    def check_memory(
+    def _work_description(self) -> str:
+        d = self.model.config.dynunet
+        return f"{d.sw_batch_size} tiles of {'×'.join(str(int(p)) for p in d.patch_size)} voxels at a time"
+
+    def _memory_fix(
         self,
         volume_shape: tuple[int, ...],
         n_organs: int,
-        keep_probabilities: bool = False,
-        *,
-        source: str = "volume",
-        loaded_gb: float = 0.0,
-        available_gb: float | None = None,
-    ) -> MemoryEstimate:
-        est = self.memory_estimate(volume_shape, n_organs, keep_probabilities)
-        host = available_memory_gb() if available_gb is None else available_gb
-        need = est.host_gb - loaded_gb
-        if host is not None and need > host:
-            raise ValueError(
-                f"{source}: segmenting {tuple(int(v) for v in volume_shape)} voxels with the DynUNet needs about "
-                f"{need:.1f} GB of memory, but only {host:.1f} GB is available; crop the volume"
-                + (" or drop --save-probabilities" if keep_probabilities else "")
-            )
-        return est
+        keep_probabilities: bool,
+        available: float,
+        need: Callable[[MemoryEstimate], float],
+    ) -> str:
+        """Dropping the probabilities when that is enough, else a crop: the host arrays scale with the
+        volume, the tiles do not."""
+        if keep_probabilities and need(self.memory_estimate(volume_shape, n_organs, False)) <= available:
+            return "leave out --save-probabilities"
+        return "crop the volume" + (" and leave out --save-probabilities" if keep_probabilities else "")
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+    def _device_fix(
+        self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool, available: float
+    ) -> str:
+        return "predict on the CPU (--device cpu) or on a GPU with more free memory"
 
     @torch.no_grad()
     def probabilities(self, volume: Volume, modality: str) -> torch.Tensor:

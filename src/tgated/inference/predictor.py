@@ -33,6 +33,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -239,7 +240,94 @@ def choose_organs(known, organs) -> tuple[Organ, ...]:
     return tuple(sorted(set(chosen), key=lambda o: o.id))
 
 
-class Predictor:
+class VolumePredictor:
+    """The contract every predictor keeps (``tgated predict``, validation and ``evaluate`` treat them
+    alike): organ choice (:meth:`organs_for`), the memory check before any work (:meth:`check_memory`),
+    mixed precision on CUDA, and ``predict_volume`` returning a :class:`Prediction` on the volume's
+    own grid. A subclass sets ``model`` (with ``organs``) and ``device`` and gives
+    :meth:`memory_estimate`, :meth:`_work_description` and :meth:`_memory_fix`."""
+
+    model: Any
+    device: torch.device
+
+    def organs_for(self, organs) -> tuple[Organ, ...]:
+        return choose_organs(self.model.organs, organs)
+
+    def memory_estimate(
+        self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool = False
+    ) -> MemoryEstimate:
+        raise NotImplementedError
+
+    def _work_description(self) -> str:
+        """What the estimate's ``work_gb`` is spent on, for the messages (\"batches of 16 slices\")."""
+        raise NotImplementedError
+
+    def _memory_fix(
+        self,
+        volume_shape: tuple[int, ...],
+        n_organs: int,
+        keep_probabilities: bool,
+        available: float,
+        need: Callable[[MemoryEstimate], float],
+    ) -> str:
+        """The advice that makes a case fit in ``available`` GB (``need``: the part of an estimate
+        that must fit there)."""
+        raise NotImplementedError
+
+    def _device_fix(
+        self, volume_shape: tuple[int, ...], n_organs: int, keep_probabilities: bool, available: float
+    ) -> str:
+        """The advice when the work does not fit in the device's ``available`` GB."""
+        return self._memory_fix(volume_shape, n_organs, keep_probabilities, available, lambda e: e.work_gb)
+
+    def check_memory(
+        self,
+        volume_shape: tuple[int, ...],
+        n_organs: int,
+        keep_probabilities: bool = False,
+        *,
+        source: str = "volume",
+        loaded_gb: float = 0.0,
+        available_gb: float | None = None,
+    ) -> MemoryEstimate:
+        """Raise a ``ValueError`` (estimate, available memory, fixes) when ``predict_volume`` would not
+        fit.
+
+        ``loaded_gb``: part of the estimate already allocated (the image read from disk);
+        ``available_gb``: host memory available (default: :func:`available_memory_gb`; unknown
+        means no check). On CUDA, the model-grid work is compared with the device's free memory.
+        """
+        est = self.memory_estimate(volume_shape, n_organs, keep_probabilities)
+        host = available_memory_gb() if available_gb is None else available_gb
+        need = est.host_gb - loaded_gb
+        if host is not None and need > host:
+            fix = self._memory_fix(
+                volume_shape, n_organs, keep_probabilities, host, lambda e: e.host_gb - loaded_gb
+            )
+            raise ValueError(
+                f"{source}: segmenting {tuple(int(v) for v in volume_shape)} voxels × {n_organs} organs needs about "
+                f"{need:.1f} GB of memory ({est.volume_gb:.1f} GB for the volume and its outputs, "
+                f"{est.work_gb:.1f} GB for {self._work_description()} on {est.device}), but only "
+                f"{host:.1f} GB is available; {fix}"
+            )
+        free = _device_free_gb(self.device)
+        if free is not None and est.work_gb > free:
+            fix = self._device_fix(volume_shape, n_organs, keep_probabilities, free)
+            raise ValueError(
+                f"{source}: {self._work_description()} × {n_organs} organs need about "
+                f"{est.work_gb:.1f} GB on {self.device}, but only {free:.1f} GB is free; {fix}"
+            )
+        return est
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 on CUDA where supported (else fp16); float32 on the CPU."""
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+
+class Predictor(VolumePredictor):
     """Segments volumes with a :class:`~tgated.models.tgated.TGatedModel`.
 
     ``batch_size`` slices go through the encoder / decoder per call (× organs in the decoder);
@@ -280,9 +368,6 @@ class Predictor:
         return cls(TGatedModel.from_pretrained(path, device=dev), device=dev, **kwargs)
 
     # ------------------------------------------------------------------------------------------
-
-    def organs_for(self, organs) -> tuple[Organ, ...]:
-        return choose_organs(self.model.organs, organs)
 
     def _halo(self, positions: np.ndarray, start: int, end: int) -> tuple[int, int]:
         """Slices [lo, hi) a chunk of centres [start, end) needs for its windows."""
@@ -351,44 +436,8 @@ class Predictor:
             self.device.type,
         )
 
-    def check_memory(
-        self,
-        volume_shape: tuple[int, ...],
-        n_organs: int,
-        keep_probabilities: bool = False,
-        *,
-        source: str = "volume",
-        loaded_gb: float = 0.0,
-        available_gb: float | None = None,
-    ) -> MemoryEstimate:
-        """Raise a ``ValueError`` (estimate, available memory, fixes) when :meth:`predict_volume`
-        would not fit.
-
-        ``loaded_gb``: part of the estimate already allocated (the image read from disk);
-        ``available_gb``: host memory available (default: :func:`available_memory_gb`; unknown
-        means no check). On CUDA, the model-grid work is compared with the device's free memory.
-        """
-        est = self.memory_estimate(volume_shape, n_organs, keep_probabilities)
-        host = available_memory_gb() if available_gb is None else available_gb
-        need = est.host_gb - loaded_gb
-        if host is not None and need > host:
-            fix = self._memory_fix(
-                volume_shape, n_organs, keep_probabilities, host, lambda e: e.host_gb - loaded_gb
-            )
-            raise ValueError(
-                f"{source}: segmenting {tuple(int(v) for v in volume_shape)} voxels × {n_organs} organs needs about "
-                f"{need:.1f} GB of memory ({est.volume_gb:.1f} GB for the volume and its outputs, "
-                f"{est.work_gb:.1f} GB for batches of {self.batch_size} slices on {est.device}), but only "
-                f"{host:.1f} GB is available; {fix}"
-            )
-        free = _device_free_gb(self.device)
-        if free is not None and est.work_gb > free:
-            fix = self._memory_fix(volume_shape, n_organs, keep_probabilities, free, lambda e: e.work_gb)
-            raise ValueError(
-                f"{source}: batches of {self.batch_size} slices × {n_organs} organs need about "
-                f"{est.work_gb:.1f} GB on {self.device}, but only {free:.1f} GB is free; {fix}"
-            )
-        return est
+    def _work_description(self) -> str:
+        return f"batches of {self.batch_size} slices"
 
     def _memory_fix(
         self,
@@ -431,12 +480,6 @@ class Predictor:
             + (", leave out --save-probabilities" if keep_probabilities else "")
             + " (or use a machine with more memory)"
         )
-
-    def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
 
     @torch.no_grad()
     def predict_volume(
