@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine: every check CPU CI cannot make and every benchmark at full size in
-# bf16, in one run (about 3-4 minutes on one H100/H200), one JSON file out.
+# bf16, in one run (about 4-5 minutes on one H100/H200), one JSON file out.
 #
 #   bash benchmarks/gpu_check.sh                      # a CUDA machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run            # the same steps on the CPU at tiny sizes (the tests run this)
@@ -14,7 +14,9 @@
 #  3. encoder_floor.py: the vision encoder over 300 slices against the device's peak bf16 throughput;
 #  4. whole_ct.py: a 512 x 512 x 300 CT, our predictor vs MONAI DynUNet sliding window, peak memory;
 #  5. bench_token_cache.py: training with cached vision tokens vs recomputed (small model);
-#  6. bench_metrics.py: our Dice / NSD / HD95 vs MONAI's on a 512 x 512 x 200 volume (CPU code).
+#  6. bench_metrics.py: our Dice / NSD / HD95 vs MONAI's on a 512 x 512 x 200 volume (CPU code);
+#  7. bench_data_loading.py: full-size training batches prepared in the training process vs by 2, 4, 8
+#     DataLoader workers (the machine's CPU cores; what train.num_workers: auto relies on).
 #
 # A bare CUDA machine needs only python3 and torch: any other dependency of tgated missing there is
 # installed from wheels carried in .whl/ (no network), made beforehand on a machine with network:
@@ -68,6 +70,7 @@ if [ "$mode" = gpu ]; then
     whole=(--model full)
     cache=(--model small --steps 20)
     metrics=()
+    loading=(--workers 0,2,4,8 --batches 24 --size 256)
 else
     device=cpu
     precisions="fp32"
@@ -77,6 +80,7 @@ else
     whole=(--model tiny --size 64 --slices 8 --organs 3 --roi 32 --dynunet-windows 1 --our-slices 6)
     cache=(--model tiny --steps 2 --batch-size 2)
     metrics=(--shape 64 64 24 --spacing 1.5 1.5 3.0)
+    loading=(--config configs/tiny_cpu.yaml --workers 0,1 --batches 2 --size 64)
 fi
 
 {
@@ -124,6 +128,8 @@ EOF
     python3 benchmarks/bench_token_cache.py --device "$device" "${cache[@]}" --json "$parts/token_cache.json"
     echo "== metrics"
     python3 benchmarks/bench_metrics.py ${metrics[@]+"${metrics[@]}"} --json "$parts/metrics.json"
+    echo "== training input pipeline: DataLoader workers"
+    python3 -W ignore::UserWarning benchmarks/bench_data_loading.py "${loading[@]}" --json "$parts/data_loading.json"
 
     python3 - "$parts" "$out" "$(( $(date +%s) - start ))" <<'EOF'
 import json, pathlib, sys
@@ -133,7 +139,7 @@ result = {
     "environment": load("environment"),
     "seconds": seconds,
     "training": load("training"),
-    "benchmarks": {n: load(n) for n in ("encoder_sharing", "encoder_floor", "whole_ct", "token_cache", "metrics")},
+    "benchmarks": {n: load(n) for n in ("encoder_sharing", "encoder_floor", "whole_ct", "token_cache", "metrics", "data_loading")},
 }
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(result, indent=2) + "\n")

@@ -53,6 +53,9 @@ def test_gpu_check_dry_run(tmp_path):
         bench["token_cache"]["loss_uncached"], rel=1e-4
     )
     assert bench["metrics"]["max_abs_diff"]["dice"] <= 1e-6
+    loading = bench["data_loading"]
+    assert [r["workers"] for r in loading["loader"]] == [0, 1] and loading["batches"] == 2
+    assert all(r["identical"] for r in loading["loader"]) and loading["in_process_cpu_s_per_batch"] > 0
     assert (out.parent / "gpu_check.log").read_text().rstrip().endswith(f"figures in {out}")
 
 
