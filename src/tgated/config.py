@@ -158,6 +158,8 @@ class DynUNetConfig:
     levels follows from ``patch_size`` and ``spacing`` (strides halve each axis until it is 8 or less)."""
     res_block: bool = True
     norm: Literal["instance", "batch"] = "instance"
+    """``instance`` (per patch: DDP with N processes matches one process) or ``batch`` (statistics over
+    the batch: under DDP they are made global with ``SyncBatchNorm``, which needs CUDA)."""
     deep_supervision: bool = True
     deep_supr_num: int = 2
     """Deep-supervision heads (loss weights 1, 1/2, 1/4 ..., normalised to sum to 1)."""

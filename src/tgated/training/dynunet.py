@@ -12,7 +12,10 @@ network, the loss and the validation:
   each patch is MONAI ``RandCropByPosNegLabeld`` (organ vs background centre at ``pos_neg_ratio``),
   ``RandFlipd`` along each axis and ``RandRotate90d`` in the axial plane, with the transforms' random
   state set from ``(seed, train.seed, epoch, sample index)``: a patch does not depend on the process,
-  the worker or on where a run was interrupted, so resume is exact and DDP matches one process.
+  the worker or on where a run was interrupted, so resume is exact and DDP computes one process's
+  gradients (up to float rounding, which AdamW turns into steps of up to lr where a gradient is near
+  zero: docs/architecture.md, several processes). ``model.dynunet.norm: batch`` under DDP needs CUDA
+  (``SyncBatchNorm``).
 * Loss: MONAI ``DiceCELoss`` (softmax, one-hot targets; ``train.dynunet.dice_background``) over the
   deep-supervision heads, weighted 1, 1/2, 1/4 ... (normalised) or by
   ``train.dynunet.deep_supervision_weights``; AdamW at ``train.dynunet.lr``; cosine warm restarts as for T-Gated
@@ -215,6 +218,12 @@ class DynUNetTrainer(Trainer):
 
     def __init__(self, cfg: ExperimentConfig, run: Path, ctx: DistContext, resume: bool, quiet: bool) -> None:
         check_dynunet_train_config(cfg)
+        if ctx.distributed and cfg.model.dynunet.norm == "batch" and ctx.device.type != "cuda":
+            raise ValueError(
+                f"model.dynunet.norm='batch' with {ctx.world_size} processes on the CPU: each process would "
+                "normalise by the statistics of its share of the batch (torch's SyncBatchNorm needs CUDA), so "
+                "the run would differ from one process's — use model.dynunet.norm=instance, one process, or CUDA"
+            )
         super().__init__(cfg, run, ctx, resume, quiet)
         self.log_columns = list(LOG_COLUMNS)
 

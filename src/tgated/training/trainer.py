@@ -413,10 +413,16 @@ class Trainer:
         )
 
     def _wrap_ddp(self) -> None:
-        """``self.net``: the model, wrapped in DistributedDataParallel under torchrun."""
+        """``self.net``: the model, wrapped in DistributedDataParallel under torchrun (its batch norms,
+        if any, made ``SyncBatchNorm`` on CUDA; a trainer refuses batch norm under DDP on the CPU)."""
         self.net: Any = self.model
         if self.ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
+
+            if self.device.type == "cuda":
+                # batch statistics over the global batch, not each process's share (the parameters
+                # and buffers are kept, so the optimizer and the state dict are unchanged)
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
             self.net = DistributedDataParallel(
                 self.model,
