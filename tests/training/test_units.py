@@ -29,7 +29,7 @@ from tgated.training.loop import (
     scheduled_lr,
 )
 from tgated.training.losses import segmentation_loss, soft_dice_loss
-from tgated.training.trainer import resolve_num_workers
+from tgated.training.runs import resolve_num_workers
 
 
 def test_loss_by_hand():

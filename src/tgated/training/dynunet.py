@@ -43,7 +43,8 @@ from tgated.progress import progress
 from tgated.training.augment import sample_rng
 from tgated.training.distributed import DistContext
 from tgated.training.loop import scheduled_lr
-from tgated.training.trainer import RankBatches, Trainer, split_cases
+from tgated.training.runs import split_cases
+from tgated.training.trainer import RankBatches, Trainer
 
 logger = logging.getLogger(__name__)
 

@@ -92,6 +92,13 @@ from tgated.training.augment import (
 )
 from tgated.training.distributed import DistContext, init_distributed
 from tgated.training.losses import segmentation_loss
+from tgated.training.runs import (
+    RESUMABLE_KEYS,
+    config_differences,
+    prepare_run,
+    resolve_precision,
+    split_cases,
+)
 from tgated.training.sampling import (
     SampleIndex,
     TrainVolume,
@@ -102,16 +109,7 @@ from tgated.training.sampling import (
     resolve_organ_weights,
 )
 from tgated.training.token_cache import TokenCache, build_token_cache, window_images
-from tgated.training.trainer import (
-    RESUMABLE_KEYS,
-    RankBatches,
-    Trainer,
-    TrainResult,
-    config_differences,
-    prepare_run,
-    resolve_precision,
-    split_cases,
-)
+from tgated.training.trainer import RankBatches, Trainer, TrainResult
 
 if TYPE_CHECKING:
     from tgated.models.tgated import WindowPlan

@@ -1,0 +1,165 @@
+"""The run folder and its rules: what a run folder must hold to start or resume, which config keys may
+change on resume, the split, and the run's settings that depend on the machine (autocast precision,
+data-loading workers). Used by :class:`tgated.training.trainer.Trainer` for both models."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tgated.config import ConfigError, ExperimentConfig, load_config, to_dict
+from tgated.io.files import is_temporary
+
+logger = logging.getLogger(__name__)
+
+RUN_FILES: tuple[str, ...] = ("config.yaml", "splits.json", "log.csv", "val.json", "model", "model.old")
+"""The run folder's own files (leftover temporaries of these are removed when a run starts)."""
+
+
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.epochs",
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.val_every",
+    "train.val_max_cases",
+    "train.tensorboard",
+    "train.device",
+    "train.num_workers",
+)
+"""Config keys that may differ between a run's ``config.yaml`` and the config given to resume it."""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.endswith("organ_weights") and not key.endswith("prompts"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ: ``{key: (value in a, value in b)}``."""
+    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``train.precision`` → the autocast dtype (None = float32)."""
+    if device.type != "cuda":
+        if precision in ("auto", "fp32"):
+            return None
+        if precision == "bf16":
+            return torch.bfloat16
+        raise ValueError(
+            f"train.precision={precision!r} needs CUDA (GradScaler); on the CPU use fp32 (or bf16, or auto)"
+        )
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("train.precision='bf16': this GPU does not support bfloat16; use fp16 or auto")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+# ---------------------------------------------------------------------------------------------
+# run folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_entries(run: Path) -> list[str]:
+    if not run.exists():
+        return []
+    if not run.is_dir():
+        raise ValueError(f"{run}: exists and is not a folder; --out must be a run folder")
+    return sorted(
+        p.name for p in run.iterdir() if not is_temporary(p) and not p.name.startswith(".token-cache")
+    )
+
+
+def prepare_run(cfg: ExperimentConfig, run: Path, resume: bool) -> Path | None:
+    """Check ``run`` for a new run or a resume (read-only); returns the checkpoint to resume or None."""
+    entries = _run_entries(run)
+    if not entries:
+        if resume:
+            logger.info("%s: nothing to resume; starting a new run", run)
+        return None
+    if not resume:
+        raise ValueError(
+            f"{run}: run folder is not empty ({', '.join(entries[:5])}); pass --resume to continue that run, "
+            "or choose another --out"
+        )
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        raise ValueError(
+            f"{run}: not a tgated run folder (no config.yaml, found {', '.join(entries[:5])}); cannot resume it — "
+            "choose another --out"
+        )
+    try:
+        saved = load_config(cfg_file)
+    except ConfigError as exc:
+        raise ValueError(f"{cfg_file}: cannot be read to resume the run ({exc})") from None
+    diffs = {k: v for k, v in config_differences(saved, cfg).items() if k not in RESUMABLE_KEYS}
+    if diffs:
+        listed = "; ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in list(diffs.items())[:8])
+        raise ValueError(
+            f"{run}: --resume with a config that differs from the run's {cfg_file.name} in {len(diffs)} key(s) "
+            f"({listed}); resume with the run's own config ({cfg_file}) — only {', '.join(RESUMABLE_KEYS)} may change"
+        )
+    ckpt = run / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        logger.warning("%s: no checkpoint yet (%s); starting the run from the beginning", run, ckpt)
+        return None
+    return ckpt
+
+
+def split_cases(
+    cfg: ExperimentConfig, run: Path, resuming: bool
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """(split, cases by id) of the run's dataset."""
+    from tgated.data.datasets import default_split, discover, read_splits
+
+    data = cfg.data
+    cases = discover(
+        data.root,
+        data.layout,
+        labels=data.labels or None,
+        totalseg_task=data.totalseg_task or None,
+    )
+    ids = [c.case_id for c in cases]
+    if resuming and (run / "splits.json").is_file():
+        splits = read_splits(run / "splits.json", available=ids)
+    elif data.splits:
+        splits = read_splits(data.splits, available=ids)
+    else:
+        splits = default_split(ids, seed=data.split_seed, sizes=tuple(data.split_sizes))  # type: ignore[arg-type]
+    if not splits["train"]:
+        raise ValueError(
+            f"{data.splits or data.root}: the split has no training cases; give a splits.json with a 'train' list"
+        )
+    return splits, {c.case_id: c for c in cases}
+
+
+AUTO_WORKERS_MAX = 8
+"""The most data-loading workers ``train.num_workers: auto`` starts per training process."""
+
+
+def resolve_num_workers(value: int | str, device: torch.device) -> int:
+    """``train.num_workers`` → worker processes per training process (see
+    :attr:`tgated.config.TrainConfig.num_workers`): ``auto`` is 0 on the CPU and, on CUDA, the cores
+    this process may use divided among the ``LOCAL_WORLD_SIZE`` processes (torchrun) on this machine,
+    less one for the training process, at most :data:`AUTO_WORKERS_MAX`."""
+    if value != "auto":
+        return int(value)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(AUTO_WORKERS_MAX, cores // local - 1))
