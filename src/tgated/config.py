@@ -403,6 +403,17 @@ def _finite(values: Any) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
+ADAPTER_DROPOUT_KEYS = (
+    "dropout",
+    "drop_path",
+    "spatial_dropout",
+    "spatial_drop_path",
+    "head_dropout",
+    "head_out_dropout",
+)
+"""The adapter's dropout and stochastic-depth rates (``model.adapter_config``), each in [0, 1)."""
+
+
 def model_config_problems(cfg: ModelConfig, *, width: int | None = None, saved: bool = False) -> list[str]:
     """What is wrong with a model config, one ``model.KEY=VALUE: expected ...`` text per violation.
 
@@ -504,14 +515,7 @@ def model_config_problems(cfg: ModelConfig, *, width: int | None = None, saved: 
             a.spatial_heads,
             f"a divisor of the backbone width {width} (e.g. {_divisor_near(width, a.spatial_heads)})",
         )
-    for key in (
-        "dropout",
-        "drop_path",
-        "spatial_dropout",
-        "spatial_drop_path",
-        "head_dropout",
-        "head_out_dropout",
-    ):
+    for key in ADAPTER_DROPOUT_KEYS:
         v = getattr(a, key)
         need(_finite([v]) and 0 <= v < 1, f"adapter_config.{key}", v, "a probability in [0, 1)")
     need(_finite([a.gate_bias_init]), "adapter_config.gate_bias_init", a.gate_bias_init, "a finite number")

@@ -45,15 +45,9 @@ def tiny_cfg(phantom_root: Path) -> Callable[..., ExperimentConfig]:
 
 def no_dropout() -> list[str]:
     """Overrides that make the adapter deterministic (no dropout, no stochastic depth)."""
-    keys = (
-        "dropout",
-        "drop_path",
-        "spatial_dropout",
-        "spatial_drop_path",
-        "head_dropout",
-        "head_out_dropout",
-    )
-    return [f"model.adapter_config.{k}=0.0" for k in keys]
+    from tgated.config import ADAPTER_DROPOUT_KEYS
+
+    return [f"model.adapter_config.{k}=0.0" for k in ADAPTER_DROPOUT_KEYS]
 
 
 def checkpoint_step(run: Path) -> int:

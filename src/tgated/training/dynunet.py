@@ -318,10 +318,7 @@ class DynUNetTrainer(Trainer):
         return DynUNetPredictor(self.model, device=self.device)
 
     def _end_epoch(self, started: float) -> None:
-        val = None
-        if self._validation_due():
-            val = self._validate()
-            self._record_validation(val)
+        val = self._validate_if_due()
         row = {
             "epoch": self.epoch + 1,
             "step": self.step,

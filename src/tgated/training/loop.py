@@ -603,10 +603,7 @@ class _Trainer(Trainer):
             keys = sorted(stats)
             total = self.ctx.all_reduce_sum([stats[k] for k in keys])
             stats = {k: v / self.ctx.world_size for k, v in zip(keys, total, strict=True)}
-        val = None
-        if self._validation_due():
-            val = self._validate()
-            self._record_validation(val)
+        val = self._validate_if_due()
         row = {
             "epoch": self.epoch + 1,
             "step": self.step,

@@ -500,6 +500,14 @@ class Trainer:
             (self.epoch + 1) % self.t.val_every == 0 or self.epoch + 1 == self.t.epochs
         )
 
+    def _validate_if_due(self) -> dict[str, Any] | None:
+        """This epoch's validation, recorded (:meth:`_record_validation`), or None when not due."""
+        if not self._validation_due():
+            return None
+        val = self._validate()
+        self._record_validation(val)
+        return val
+
     def _record_validation(self, val: dict[str, Any]) -> None:
         """Keep ``val`` as the latest; a better mean Dice saves the model to ``RUN/model/``."""
         self.val_latest = val
