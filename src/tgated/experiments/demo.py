@@ -67,7 +67,7 @@ class DemoSize:
     """Optimizer steps of each model's stage 2 (two epochs)."""
 
 
-QUICK = DemoSize(cases=10, size=64, split=(6, 1, 3), stage1_steps=300, steps=120)
+QUICK = DemoSize(cases=10, size=64, split=(6, 1, 3), stage1_steps=600, steps=120)
 FULL = DemoSize(cases=20, size=96, split=(12, 2, 6), stage1_steps=1600, steps=400)
 
 
