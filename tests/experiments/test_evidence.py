@@ -11,6 +11,7 @@ import pytest
 from tgated.experiments.evidence import (
     RECIPE,
     analyse,
+    error_anatomy,
     mean_dice,
     results_markdown,
     run_name,
@@ -34,6 +35,26 @@ def test_z_runs_and_slice_dice() -> None:
     assert slice_dice(g, p) == [round(2 / 3, 4), None, 0.0]
 
 
+def test_error_anatomy_by_hand() -> None:
+    g = np.zeros((3, 3, 8), bool)
+    p = np.zeros((3, 3, 8), bool)
+    g[0, 0, 3] = g[0, 1, 3] = True  # the organ: slices 3 and 4, 5 voxels
+    g[1, 1, 4] = g[1, 2, 4] = g[2, 2, 4] = True
+    p[0, 0, 3] = p[1, 0, 3] = True  # slice 3: 1 hit, 1 false positive, 1 false negative (in-plane)
+    # slice 4: nothing predicted -> its 3 voxels are missed
+    p[0, 0, 5] = p[0, 1, 5] = True  # 1 slice beyond the organ: within reach 2
+    p[0, 0, 7] = p[1, 1, 7] = p[2, 2, 7] = True  # 3 slices beyond: out of reach
+    e = error_anatomy(g, p, reach=2)
+    assert {k: e[k] for k in ("in_slice", "missed", "off_near", "off_far")} == {
+        "in_slice": 2,
+        "missed": 3,
+        "off_near": 2,
+        "off_far": 3,
+    }
+    assert e["dice_z_oracle"] == pytest.approx(2 * 1 / (2 + 5))  # Dice itself: 2 * 1 / (7 + 5)
+    assert error_anatomy(g, p, reach=3)["off_near"] == 5  # slice 7 is now within reach
+
+
 def test_mean_dice_is_the_mean_over_organs_of_case_means() -> None:
     rows = {"a": {"liver": 1.0, "spleen": 0.0}, "b": {"liver": 0.5}}
     mean, organs = mean_dice(rows)
@@ -51,6 +72,17 @@ def _scores(tg: list[float], base: list[float], ctx1: list[float], centre: list[
                 "real": {"a": {"liver": v}, "b": {"liver": v - 0.1}},
                 "z_fragments": {"a": {"liver": 1 if name != "tgated" else 0}},
                 "z_profiles": {},
+                "z_errors": {
+                    "a": {
+                        "liver": {
+                            "in_slice": 4,
+                            "missed": 0,
+                            "off_near": 2,
+                            "off_far": 2,
+                            "dice_z_oracle": 0.9,
+                        }
+                    }
+                },
                 "train_seconds": 60.0,
             }
             if name == "tgated":
@@ -80,6 +112,10 @@ def test_analysis_paired_differences_and_decision_rule() -> None:
     md = results_markdown(res)
     assert "| liver | 0.655 ± 0.007 | 0.745 ± 0.007 | 0.760 ± 0.014 | +0.105 | +0.015 |" in md
     assert "not met" in md and "Gate opening" in md
+    errors = res["variants"]["baseline"]["errors"]
+    assert errors["share"] == {"in_slice": 0.5, "missed": 0.0, "off_near": 0.25, "off_far": 0.25}
+    assert errors["mean_dice_z_oracle"]["mean"] == pytest.approx(0.9)
+    assert "| baseline | 0.50 | 0.00 | 0.25 | 0.25 | 0.655 ± 0.007 | 0.900 ± 0.000 |" in md
 
 
 def test_a_gain_within_the_seed_spread_is_no_gain() -> None:

@@ -24,6 +24,11 @@ The protocol is fixed before any run (docs/evidence.md reports its results):
 * **Stability along z**: per organ, the number of separate runs of slices the prediction covers,
   against the ground truth's (extra fragments = predictions that switch off and on along z), and
   per-slice Dice profiles of a few cases.
+* **Where the errors are** (what context could fix at most): each organ's wrong voxels split into
+  false positives on slices without the organ, within the window's reach (K // 2 slices) of the
+  organ or farther, false negatives on slices the prediction misses entirely, and the rest (both
+  present on the slice: in-plane errors); and the Dice the prediction would have with its
+  off-organ slices blanked (a z-extent oracle), the most that perfect slice-level decisions add.
 * **Decision rule**: T-Gated helps when its mean Dice exceeds both controls' by ≥ 0.03 **and** by
   more than twice the seed standard deviation of the paired difference.
 
@@ -175,7 +180,7 @@ def run_evidence(
         path = out_p / "scores" / f"{name}.json"
         if not path.is_file():
             _say(quiet, f"[3/4] scoring {name} on the held-out phantoms")
-            atomic_write_json(path, score_run(run, data, device=device))
+            atomic_write_json(path, score_run(run, data, device=device, reach=base.model.context // 2))
         scores[name] = read_json(path)
 
     _say(quiet, "[4/4] writing results.json and results.md")
@@ -224,9 +229,39 @@ def slice_dice(gt: np.ndarray, pred: np.ndarray) -> list[float | None]:
     ]
 
 
-def score_run(run: Path, data: Path, *, device: str = "cpu") -> dict[str, Any]:
+def error_anatomy(gt: np.ndarray, pred: np.ndarray, reach: int) -> dict[str, float]:
+    """Where one organ's errors lie along z (last axis), for two boolean masks with ``gt`` non-empty.
+
+    Voxel counts: ``off_near`` / ``off_far`` = false positives on slices without the organ, at most /
+    more than ``reach`` slices from its nearest slice; ``missed`` = false negatives on slices where
+    ``pred`` has none of it; ``in_slice`` = every other wrong voxel; and ``dice_z_oracle`` = Dice of
+    ``pred`` with its slices outside the organ's blanked.
+    """
+    g_z, p_z = gt.any(axis=(0, 1)), pred.any(axis=(0, 1))
+    fp = np.count_nonzero(pred & ~gt, axis=(0, 1))
+    fn = np.count_nonzero(gt & ~pred, axis=(0, 1))
+    z = np.arange(gt.shape[-1])
+    organ_z = np.flatnonzero(g_z)
+    dist = np.abs(z[:, None] - organ_z[None, :]).min(axis=1)
+    off = ~g_z
+    off_near = int(fp[off & (dist <= reach)].sum())
+    off_far = int(fp[off & (dist > reach)].sum())
+    missed = int(fn[~p_z].sum())
+    inter = int(np.count_nonzero(gt & pred))
+    kept = int(np.count_nonzero(pred[..., g_z]))
+    return {
+        "off_near": off_near,
+        "off_far": off_far,
+        "missed": missed,
+        "in_slice": int(fp.sum() + fn.sum()) - off_near - off_far - missed,
+        "dice_z_oracle": 2.0 * inter / (kept + int(np.count_nonzero(gt))),
+    }
+
+
+def score_run(run: Path, data: Path, *, device: str = "cpu", reach: int = 2) -> dict[str, Any]:
     """Dice per organ per held-out case of ``run``'s model (and, with context, the same with the
-    neighbours replaced by the centre slice), z-fragments, per-slice profiles, adapter statistics."""
+    neighbours replaced by the centre slice), z-fragments, per-slice profiles, where the errors lie
+    (:func:`error_anatomy`, ``reach`` = the T-Gated window's half-width), adapter statistics."""
     from tgated.data.datasets import discover, load_case, read_splits
     from tgated.inference.predictor import Predictor
     from tgated.metrics import dice
@@ -237,7 +272,7 @@ def score_run(run: Path, data: Path, *, device: str = "cpu") -> dict[str, Any]:
     cases = {c.case_id: c for c in discover(data, "flare22")}
     variants = ["real", "centre"] if model.context > 1 else ["real"]
     out: dict[str, Any] = {v: {} for v in variants}
-    out["z_fragments"], out["z_profiles"] = {}, {}
+    out["z_fragments"], out["z_profiles"], out["z_errors"] = {}, {}, {}
     for i, cid in enumerate(splits["test"]):
         image, label = load_case(cases[cid])
         assert label is not None  # the phantoms are labelled
@@ -252,6 +287,8 @@ def score_run(run: Path, data: Path, *, device: str = "cpu") -> dict[str, Any]:
                     continue
                 extra = z_runs(p.any(axis=(0, 1))) - z_runs(g.any(axis=(0, 1)))
                 out["z_fragments"].setdefault(cid, {})[organ.name] = extra
+                if g.any():
+                    out["z_errors"].setdefault(cid, {})[organ.name] = error_anatomy(g, p, reach)
                 if i < Z_PROFILE_CASES and g.any():
                     out["z_profiles"].setdefault(cid, {})[organ.name] = slice_dice(g, p)
             out[variant][cid] = row
@@ -317,6 +354,7 @@ def analyse(scores: dict[str, dict[str, Any]], runs: dict[str, Path], n_seeds: i
             "per_seed": [round(x, 4) for x in means[v]],
             "organs": {o: _msd([per[o] for per in organ_means[v] if o in per]) for o in organs},
             "extra_z_fragments_per_organ": round(float(np.mean(frag)), 3) if frag else None,
+            "errors": _error_summary([scores[run_name(v, s)].get("z_errors") for s in seeds]),
             "train_seconds": _msd([scores[run_name(v, s)].get("train_seconds", math.nan) for s in seeds]),
         }
     ablated = [mean_dice(scores[run_name("tgated", s)]["centre"])[0] for s in seeds]
@@ -368,6 +406,28 @@ def analyse(scores: dict[str, dict[str, Any]], runs: dict[str, Path], n_seeds: i
     )
     results["z_profiles"] = {v: scores[run_name(v, 0)]["z_profiles"] for v in ("tgated", "baseline")}
     return results
+
+
+ERROR_KINDS = ("in_slice", "missed", "off_near", "off_far")
+
+
+def _error_summary(per_seed: list[dict[str, dict[str, dict[str, float]]] | None]) -> dict[str, Any] | None:
+    """Shares of the wrong voxels by kind (:func:`error_anatomy`), over all seeds, cases and organs,
+    and the z-oracle mean Dice (mean ± sd over seeds); None for scores made before it existed."""
+    if not per_seed or any(s is None for s in per_seed):
+        return None
+    totals = dict.fromkeys(ERROR_KINDS, 0)
+    oracle = []
+    for seed_rows in per_seed:
+        organ_dice: dict[str, list[float]] = {}
+        for row in seed_rows.values():  # type: ignore[union-attr]
+            for organ, e in row.items():
+                for k in ERROR_KINDS:
+                    totals[k] += e[k]
+                organ_dice.setdefault(organ, []).append(e["dice_z_oracle"])
+        oracle.append(float(np.mean([np.mean(d) for d in organ_dice.values()])))
+    n = sum(totals.values()) or 1
+    return {"share": {k: round(totals[k] / n, 3) for k in ERROR_KINDS}, "mean_dice_z_oracle": _msd(oracle)}
 
 
 def _seed_averaged_cases(
@@ -443,5 +503,20 @@ def results_markdown(results: dict[str, Any]) -> str:
         + ", ".join(f"{x} {v[x]['extra_z_fragments_per_organ']}" for x in ("baseline", "context1", "tgated"))
         + "."
     )
+    if all(v[x].get("errors") for x in VARIANTS):
+        lines += [
+            "",
+            "Where the wrong voxels are (shares over seeds, cases and organs; 'near' = within the window's reach):",
+            "",
+            "| variant | in-plane | missed slices | off-organ slices, near | off-organ slices, far | mean Dice | with off-organ slices blanked |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for x in ("baseline", "context1", "tgated"):
+            e = v[x]["errors"]
+            lines.append(
+                f"| {x} | "
+                + " | ".join(f"{e['share'][k]:.2f}" for k in ERROR_KINDS)
+                + f" | {cell(v[x]['mean_dice'])} | {cell(e['mean_dice_z_oracle'])} |"
+            )
     lines += ["", f"**Verdict**: {results['verdict']}."]
     return "\n".join(lines) + "\n"
