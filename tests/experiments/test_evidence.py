@@ -16,6 +16,7 @@ from tgated.experiments.evidence import (
     results_markdown,
     run_name,
     slice_dice,
+    window_reach,
     z_runs,
 )
 
@@ -53,6 +54,15 @@ def test_error_anatomy_by_hand() -> None:
     }
     assert e["dice_z_oracle"] == pytest.approx(2 * 1 / (2 + 5))  # Dice itself: 2 * 1 / (7 + 5)
     assert error_anatomy(g, p, reach=3)["off_near"] == 5  # slice 7 is now within reach
+
+
+def test_window_reach_in_slices() -> None:
+    from tgated.config import ModelConfig
+
+    assert window_reach(ModelConfig(context=5), 2.5) == 2  # index mode: K // 2 slices, any spacing
+    physical = ModelConfig(context=5, context_mode="physical", context_step_mm=20.0)
+    assert window_reach(physical, 2.5) == 16 and window_reach(physical, 5.0) == 8  # 40 mm
+    assert window_reach(ModelConfig(context=1), 1.0) == 0
 
 
 def test_mean_dice_is_the_mean_over_organs_of_case_means() -> None:

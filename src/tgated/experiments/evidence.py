@@ -25,8 +25,8 @@ The protocol is fixed before any run (docs/evidence.md reports its results):
   against the ground truth's (extra fragments = predictions that switch off and on along z), and
   per-slice Dice profiles of a few cases.
 * **Where the errors are** (what context could fix at most): each organ's wrong voxels split into
-  false positives on slices without the organ, within the window's reach (K // 2 slices) of the
-  organ or farther, false negatives on slices the prediction misses entirely, and the rest (both
+  false positives on slices without the organ, within the recipe's window reach of the organ
+  (:func:`window_reach`) or farther, false negatives on slices the prediction misses entirely, and the rest (both
   present on the slice: in-plane errors); and the Dice the prediction would have with its
   off-organ slices blanked (a z-extent oracle), the most that perfect slice-level decisions add.
 * **Decision rule**: T-Gated helps when its mean Dice exceeds both controls' by ≥ 0.03 **and** by
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from tgated.config import ExperimentConfig, load_config
+from tgated.config import ExperimentConfig, ModelConfig, load_config
 from tgated.io.files import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def run_evidence(
         path = out_p / "scores" / f"{name}.json"
         if not path.is_file():
             _say(quiet, f"[3/4] scoring {name} on the held-out phantoms")
-            atomic_write_json(path, score_run(run, data, device=device, reach=base.model.context // 2))
+            atomic_write_json(path, score_run(run, data, device=device, window=base.model))
         scores[name] = read_json(path)
 
     _say(quiet, "[4/4] writing results.json and results.md")
@@ -258,10 +258,22 @@ def error_anatomy(gt: np.ndarray, pred: np.ndarray, reach: int) -> dict[str, flo
     }
 
 
-def score_run(run: Path, data: Path, *, device: str = "cpu", reach: int = 2) -> dict[str, Any]:
+def window_reach(model: ModelConfig, z_spacing_mm: float) -> int:
+    """Slices from a window's centre to its outermost neighbour: K // 2, or in ``physical`` mode
+    K // 2 steps of ``context_step_mm`` in slices of ``z_spacing_mm``."""
+    half = model.context // 2
+    if model.context_mode == "physical":
+        return round(half * model.context_step_mm / z_spacing_mm)
+    return half
+
+
+def score_run(
+    run: Path, data: Path, *, device: str = "cpu", window: ModelConfig | None = None
+) -> dict[str, Any]:
     """Dice per organ per held-out case of ``run``'s model (and, with context, the same with the
     neighbours replaced by the centre slice), z-fragments, per-slice profiles, where the errors lie
-    (:func:`error_anatomy`, ``reach`` = the T-Gated window's half-width), adapter statistics."""
+    (:func:`error_anatomy`, with the reach of ``window``'s context windows, default the run's own),
+    adapter statistics."""
     from tgated.data.datasets import discover, load_case, read_splits
     from tgated.inference.predictor import Predictor
     from tgated.metrics import dice
@@ -276,6 +288,7 @@ def score_run(run: Path, data: Path, *, device: str = "cpu", reach: int = 2) -> 
     for i, cid in enumerate(splits["test"]):
         image, label = load_case(cases[cid])
         assert label is not None  # the phantoms are labelled
+        reach = window_reach(window or model.config, label.spacing[2])
         for variant in variants:
             pred = predictor.predict_volume(image, modality="ct", neighbours=variant).labels
             row: dict[str, float] = {}
