@@ -125,6 +125,7 @@ def test_analysis_paired_differences_and_decision_rule() -> None:
     errors = res["variants"]["baseline"]["errors"]
     assert errors["share"] == {"in_slice": 0.5, "missed": 0.0, "off_near": 0.25, "off_far": 0.25}
     assert errors["mean_dice_z_oracle"]["mean"] == pytest.approx(0.9)
+    assert errors["organs"]["liver"] == {"share": errors["share"], "dice_z_oracle": 0.9}
     assert "| baseline | 0.50 | 0.00 | 0.25 | 0.25 | 0.655 ± 0.007 | 0.900 ± 0.000 |" in md
 
 

@@ -425,22 +425,39 @@ ERROR_KINDS = ("in_slice", "missed", "off_near", "off_far")
 
 
 def _error_summary(per_seed: list[dict[str, dict[str, dict[str, float]]] | None]) -> dict[str, Any] | None:
-    """Shares of the wrong voxels by kind (:func:`error_anatomy`), over all seeds, cases and organs,
-    and the z-oracle mean Dice (mean ± sd over seeds); None for scores made before it existed."""
+    """Shares of the wrong voxels by kind (:func:`error_anatomy`), over all seeds, cases and organs and
+    per organ, and the z-oracle Dice: the mean (± sd over seeds) and per organ (mean over seeds and
+    cases); None for scores made before it existed."""
     if not per_seed or any(s is None for s in per_seed):
         return None
+
+    def shares(counts: dict[str, float]) -> dict[str, float]:
+        n = sum(counts.values()) or 1
+        return {k: round(counts[k] / n, 3) for k in ERROR_KINDS}
+
     totals = dict.fromkeys(ERROR_KINDS, 0)
+    by_organ: dict[str, dict[str, float]] = {}
+    organ_oracle: dict[str, list[float]] = {}
     oracle = []
     for seed_rows in per_seed:
         organ_dice: dict[str, list[float]] = {}
         for row in seed_rows.values():  # type: ignore[union-attr]
             for organ, e in row.items():
+                counts = by_organ.setdefault(organ, dict.fromkeys(ERROR_KINDS, 0))
                 for k in ERROR_KINDS:
                     totals[k] += e[k]
+                    counts[k] += e[k]
                 organ_dice.setdefault(organ, []).append(e["dice_z_oracle"])
+                organ_oracle.setdefault(organ, []).append(e["dice_z_oracle"])
         oracle.append(float(np.mean([np.mean(d) for d in organ_dice.values()])))
-    n = sum(totals.values()) or 1
-    return {"share": {k: round(totals[k] / n, 3) for k in ERROR_KINDS}, "mean_dice_z_oracle": _msd(oracle)}
+    return {
+        "share": shares(totals),
+        "mean_dice_z_oracle": _msd(oracle),
+        "organs": {
+            o: {"share": shares(c), "dice_z_oracle": round(float(np.mean(organ_oracle[o])), 4)}
+            for o, c in sorted(by_organ.items())
+        },
+    }
 
 
 def _seed_averaged_cases(
