@@ -127,6 +127,8 @@ def test_analysis_paired_differences_and_decision_rule() -> None:
     assert errors["mean_dice_z_oracle"]["mean"] == pytest.approx(0.9)
     assert errors["organs"]["liver"] == {"share": errors["share"], "dice_z_oracle": 0.9}
     assert "| baseline | 0.50 | 0.00 | 0.25 | 0.25 | 0.655 ± 0.007 | 0.900 ± 0.000 |" in md
+    assert "| T-Gated K=5 |" in md  # the recipe's K when the protocol does not say
+    assert "| T-Gated K=9 |" in results_markdown({**res, "protocol": {"context": 9}})
 
 
 def test_a_gain_within_the_seed_spread_is_no_gain() -> None:

@@ -193,6 +193,8 @@ def run_evidence(
         "seeds": n_seeds,
         "data_seed": DATA_SEED,
         "image_size": base.model.preprocess.image_size,
+        "context": base.model.context,
+        "context_mode": base.model.context_mode,
         "metric": "3-D Dice per organ per held-out case (native protocol)",
         "decision_rule": f"T-Gated mean Dice ≥ each control + {MIN_GAIN} and > 2 × seed sd of the paired difference",
     }
@@ -485,7 +487,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         return f"{m['mean']:.3f} ± {m['sd']:.3f}"
 
     lines = [
-        "| organ | baseline | context 1 | T-Gated K=5 | Δ vs baseline | Δ vs context 1 |",
+        f"| organ | baseline | context 1 | T-Gated K={results.get('protocol', {}).get('context', 5)} | Δ vs baseline "
+        "| Δ vs context 1 |",
         "|---|---|---|---|---|---|",
     ]
     cmp_b = results["comparisons"]["tgated_vs_baseline"]["per_organ_difference"]
