@@ -26,9 +26,10 @@ The protocol is fixed before any run (docs/evidence.md reports its results):
   per-slice Dice profiles of a few cases.
 * **Where the errors are** (what context could fix at most): each organ's wrong voxels split into
   false positives on slices without the organ, within the recipe's window reach of the organ
-  (:func:`window_reach`) or farther, false negatives on slices the prediction misses entirely, and the rest (both
-  present on the slice: in-plane errors); and the Dice the prediction would have with its
-  off-organ slices blanked (a z-extent oracle), the most that perfect slice-level decisions add.
+  (:func:`window_reach`) or farther, false negatives on slices the prediction misses entirely,
+  and the rest (both present on the slice: in-plane errors); and the Dice the prediction would
+  have with its off-organ slices blanked (a z-extent oracle), the most that perfect slice-level
+  decisions add.
 * **Decision rule**: T-Gated helps when its mean Dice exceeds both controls' by ≥ 0.03 **and** by
   more than twice the seed standard deviation of the paired difference.
 
@@ -304,8 +305,8 @@ def score_run(
                 out["z_fragments"].setdefault(cid, {})[organ.name] = extra
                 if g.any():
                     out["z_errors"].setdefault(cid, {})[organ.name] = error_anatomy(g, p, reach)
-                if i < Z_PROFILE_CASES and g.any():
-                    out["z_profiles"].setdefault(cid, {})[organ.name] = slice_dice(g, p)
+                    if i < Z_PROFILE_CASES:
+                        out["z_profiles"].setdefault(cid, {})[organ.name] = slice_dice(g, p)
             out[variant][cid] = row
     log = run / "log.csv"
     if log.is_file():
