@@ -68,7 +68,7 @@ class DemoSize:
 
 
 QUICK = DemoSize(cases=10, size=64, split=(6, 1, 3), stage1_steps=600, steps=120)
-FULL = DemoSize(cases=20, size=96, split=(12, 2, 6), stage1_steps=1600, steps=400)
+FULL = DemoSize(cases=20, size=96, split=(12, 2, 6), stage1_steps=1600, steps=1200)
 
 
 def demo_config(adapter: str = "tgated", quick: bool = False, *, root: str = "", stage1: str = "") -> ExperimentConfig:
