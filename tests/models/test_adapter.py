@@ -182,23 +182,46 @@ def test_temporal_drop_path_rises_linearly() -> None:
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_temporal_inference_computes_the_centre_only_in_the_last_layer(k):
-    """At inference the last temporal layer computes the centre position alone: same output as
-    running every position through every layer and keeping the centre."""
+def test_temporal_last_layer_computes_the_centre_only(k):
+    """The last temporal layer computes the centre position alone, in eval and in train mode: the
+    same output, and in training the same gradients, as running every position through every
+    layer and keeping the centre (dropout and drop-path 0: train mode is deterministic)."""
     torch.manual_seed(0)
-    cfg = AdapterConfig(dim=32, layers=3, heads=4, ffn_dim=64)
-    temporal = TemporalTransformer(48, k, cfg).eval()
+    cfg = AdapterConfig(dim=32, layers=3, heads=4, ffn_dim=64, dropout=0.0, drop_path=0.0)
+    temporal = TemporalTransformer(48, k, cfg)
     with torch.no_grad():
         for p in temporal.parameters():
             p.add_(torch.randn_like(p) * 0.2)  # no zero-initialised layer hides a wrong position
-        x = torch.randn(2, k, 7, 48)
-        fast = temporal(x)
+    x = torch.randn(2, k, 7, 48)
+
+    def every_position():
         h = temporal.in_norm(temporal.in_proj(x.permute(0, 2, 1, 3).reshape(14, k, 48))) + temporal.pos_embed
         for layer in temporal.layers:
             h = layer(h)
-        full = temporal.out_proj(temporal.out_norm(h[:, k // 2])).view(2, 7, 48)
+        return temporal.out_proj(temporal.out_norm(h[:, k // 2])).view(2, 7, 48)
+
+    temporal.eval()
+    with torch.no_grad():
+        fast, full = temporal(x), every_position()
     assert fast.shape == (2, 7, 48) and full.abs().max() > 0.1
     assert (fast - full).abs().max() <= 1e-5
+    temporal.train()
+    rows = []  # positions per sequence that reach the last layer's MLP: the centre alone
+    hook = temporal.layers[-1].fc1.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    temporal(x)
+    hook.remove()
+    assert rows == [1]
+    weight = torch.randn(2, 7, 48)
+    grads = []
+    for forward in (lambda: temporal(x), every_position):
+        temporal.zero_grad()
+        (forward() * weight).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in temporal.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    scale = max(g.abs().max() for g in grads[1].values())
+    assert scale > 0.1
+    for name, g in grads[0].items():
+        assert (g - grads[1][name]).abs().max() <= 1e-5 * scale, name
 
 
 @pytest.mark.parametrize(("temporal", "gate"), [(True, True), (True, False), (False, False)])

@@ -9,7 +9,8 @@ adapted tokens for the window's centre slice:
 1. **temporal** transformer, run per token position across the ``K`` slices: Linear C→dim (no bias)
    + LayerNorm, learned slice-position embedding (K, dim), ``layers`` pre-LN encoder layers (GELU,
    dropout, stochastic depth rising linearly 0 → ``drop_path``), LayerNorm, Linear dim→C (no bias,
-   zero-initialised); the centre position is kept → ``h_t``.
+   zero-initialised); the centre position is kept → ``h_t``. The last layer computes the centre
+   query only (a fifth of its work at K = 5; keys and values of all K slices).
 2. **gate**: ``g = sigmoid(W h_t + b)`` with a full C×C ``W`` (element-wise output), ``W = 0`` and
    ``b = gate_bias_init`` (−5) at init; ``h = g·h_t + (1 − g)·h_centre``.
 3. **spatial** context block: pre-LN self-attention over the N tokens + MLP C→2C→C, both
@@ -197,8 +198,9 @@ class TemporalTransformer(nn.Module):
         k = h.shape[1]
         centre = k // 2
         for i, layer in enumerate(self.layers):
-            if i == len(self.layers) - 1 and not self.training:
-                # only the centre is read after the last layer: at inference it alone is computed there
+            if i == len(self.layers) - 1:
+                # only the centre is read after the last layer: it alone is computed there (its keys
+                # and values still come from all K slices), in training as at inference
                 h, centre = layer(h, centre), 0
             else:
                 h = layer(h)
