@@ -222,3 +222,21 @@ def test_saved_config_lists_the_organs_and_an_emptied_list_is_refused(make_model
     (out / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"config\.json: model\.organs=\[\]: expected the organs the model was trained"):
         TGatedModel.from_pretrained(out)
+
+
+def test_baseline_context_note_is_for_the_config_not_for_loading(tmp_path, caplog) -> None:
+    """``adapter: none`` with K = 5 says once, when built from the config, that K is forced to 1;
+    loading the saved baseline (a stage-1 model loaded to train T-Gated from) says nothing."""
+    from tests.models.conftest import tiny_model_config
+
+    with caplog.at_level("INFO", logger="tgated"):
+        model = TGatedModel.from_config(tiny_model_config(adapter="none", context=5))
+    assert model.context == 1
+    assert [r.getMessage() for r in caplog.records if "forced to 1" in r.getMessage()] == [
+        "adapter: none — the single-slice baseline; context K=5 forced to 1"
+    ]
+    out = model.save_pretrained(tmp_path / "baseline")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tgated"):
+        assert TGatedModel.from_pretrained(out).context == 1
+    assert not [r for r in caplog.records if "forced to 1" in r.getMessage()]

@@ -219,11 +219,7 @@ class TGatedModel(nn.Module):
         extract = [int(i) for i in clip_cfg.extract_layers]
 
         if cfg.adapter == "none":
-            if cfg.context != 1:
-                logger.info(
-                    "adapter: none — the single-slice baseline; context K=%d forced to 1", cfg.context
-                )
-            self.context = 1
+            self.context = 1  # from_config says so when the config asked for more
         else:
             self.context = check_context(cfg.context, "model.context")
 
@@ -355,6 +351,9 @@ class TGatedModel(nn.Module):
         the starting point instead, and only the adapters are new.
         """
         config = copy.deepcopy(config)
+        if config.adapter == "none" and config.context != 1:
+            # said here, not when a saved model is loaded (a stage-1 model loaded to train T-Gated from)
+            logger.info("adapter: none — the single-slice baseline; context K=%d forced to 1", config.context)
         source: TGatedModel | None = None
         if config.init_from and not meta:
             source = cls.from_pretrained(config.init_from)
