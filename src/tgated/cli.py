@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smaller demo (under 2 minutes on one CPU core; the full one takes about 6 to 8 and a half)",
+        help="a smaller demo (under 2 minutes on one CPU core; the full one about 5 on 2 cores, 6 on one)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     _common(p)
