@@ -224,13 +224,11 @@ def test_saved_config_lists_the_organs_and_an_emptied_list_is_refused(make_model
         TGatedModel.from_pretrained(out)
 
 
-def test_baseline_context_note_is_for_the_config_not_for_loading(tmp_path, caplog) -> None:
+def test_baseline_context_note_is_for_the_config_not_for_loading(make_model, tmp_path, caplog) -> None:
     """``adapter: none`` with K = 5 says once, when built from the config, that K is forced to 1;
     loading the saved baseline (a stage-1 model loaded to train T-Gated from) says nothing."""
-    from tests.models.conftest import tiny_model_config
-
     with caplog.at_level("INFO", logger="tgated"):
-        model = TGatedModel.from_config(tiny_model_config(adapter="none", context=5))
+        model = make_model(adapter="none", context=5)
     assert model.context == 1
     assert [r.getMessage() for r in caplog.records if "forced to 1" in r.getMessage()] == [
         "adapter: none — the single-slice baseline; context K=5 forced to 1"

@@ -194,17 +194,13 @@ class TemporalTransformer(nn.Module):
         return self._layers(h + self.pos_embed, b, n, c)
 
     def _layers(self, h: torch.Tensor, b: int, n: int, c: int) -> torch.Tensor:
-        """(B·N, K, dim) embedded windows → (B, N, C) centre outputs."""
-        k = h.shape[1]
-        centre = k // 2
-        for i, layer in enumerate(self.layers):
-            if i == len(self.layers) - 1:
-                # only the centre is read after the last layer: it alone is computed there (its keys
-                # and values still come from all K slices), in training as at inference
-                h, centre = layer(h, centre), 0
-            else:
-                h = layer(h)
-        return self.out_proj(self.out_norm(h[:, centre])).view(b, n, c)
+        """(B·N, K, dim) embedded windows → (B, N, C) centre outputs. Only the centre is read after
+        the last layer, so it alone is computed there (its keys and values still come from all K
+        slices), in training as at inference."""
+        for layer in self.layers[:-1]:
+            h = layer(h)
+        h = self.layers[-1](h, h.shape[1] // 2)  # (B·N, 1, dim)
+        return self.out_proj(self.out_norm(h[:, 0])).view(b, n, c)
 
 
 class Gate(nn.Module):
