@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tgated.experiments.evidence import (
     RECIPE,
@@ -158,6 +159,9 @@ def test_quick_evidence_end_to_end(tmp_path, capsys) -> None:
     assert "centre" not in json.loads((out / "scores" / "baseline_s0.json").read_text())
     assert (out / "runs" / "stage1" / "model" / "config.json").is_file()
     assert "Verdict" in capsys.readouterr().out
+    env = res["environment"]
+    assert env["run"] == "stage1" and env["packages"]["torch"] == torch.__version__ and env["differs"] == {}
+    assert f"torch {torch.__version__}" in (out / "results.md").read_text()
     stamp = (out / "results.json").stat().st_mtime_ns
     assert (
         main(["experiment", "evidence", "--quick", "--out", str(out), "--quiet"]) == 0

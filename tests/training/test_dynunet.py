@@ -141,7 +141,7 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_train_writes_a_run_that_learns(dyn_run):
     names = {p.name for p in dyn_run.iterdir()}
-    assert {"config.yaml", "splits.json", "model", "checkpoints", "log.csv", "val.json"} <= names
+    assert {"config.yaml", "splits.json", "environment.json", "model", "checkpoints", "log.csv", "val.json"} <= names
     state = load_checkpoint(dyn_run / "checkpoints" / "last.pt")
     assert state["step"] == 8 and state["epoch"] == 2
     log = (dyn_run / "log.csv").read_text().splitlines()

@@ -56,8 +56,8 @@ def test_killed_train_resumes_to_the_same_weights(tiny_cfg, tmp_path):
     stopped = checkpoint_step(run)
     assert 30 <= stopped < 72
     # only complete files: a checkpoint that loads, no stray temporaries except in-flight ones
-    assert all(is_temporary(p) or p.name in {"config.yaml", "splits.json", "model", "checkpoints",
-               "log.csv", "val.json"} for p in run.iterdir())  # fmt: skip
+    assert all(is_temporary(p) or p.name in {"config.yaml", "splits.json", "environment.json",
+               "model", "checkpoints", "log.csv", "val.json"} for p in run.iterdir())  # fmt: skip
 
     _finish(_train(path, run, "--resume"))
     assert checkpoint_step(run) == checkpoint_step(full) == 72

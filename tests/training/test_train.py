@@ -66,6 +66,7 @@ def test_run_folder_layout_cli_and_refusal(phantom_root, tmp_path, capsys):
     for name in (
         "config.yaml",
         "splits.json",
+        "environment.json",
         "log.csv",
         "val.json",
         "checkpoints/last.pt",
@@ -202,6 +203,33 @@ def test_trained_text_tower_with_cached_vision_tokens(tiny_cfg, tmp_path):
     key = "backbone.clip.text_model.encoder.layers.0.mlp.fc1.weight"
     assert (b[key] - init[key]).abs().max() > 1e-4
     assert float(log_rows(mem.run_dir)[0]["lr_text"]) > 0
+
+
+def test_run_records_its_environment_and_a_resume_elsewhere_warns(tiny_cfg, tmp_path, caplog):
+    """``environment.json`` holds the installed versions and the thread count; a resume under other
+    versions or another thread count names them in a warning and keeps the run's own record."""
+    from importlib import metadata
+
+    run = tmp_path / "run"
+    train(tiny_cfg("train.epochs=1", "train.steps_per_epoch=1"), out=run, quiet=True)
+    env = json.loads((run / "environment.json").read_text())
+    assert env["packages"]["torch"] == metadata.version("torch")
+    assert env["packages"]["transformers"] == metadata.version("transformers")
+    assert env["torch_threads"] == torch.get_num_threads() and env["device"] == "cpu" and env["processes"] == 1
+    started = {**env, "packages": {**env["packages"], "transformers": "4.0.0"}, "torch_threads": 97}
+    (run / "environment.json").write_text(json.dumps(started))
+    with caplog.at_level("WARNING", logger="tgated"):
+        train(tiny_cfg("train.epochs=2", "train.steps_per_epoch=1"), out=run, resume=True, quiet=True)
+    warned = [r.getMessage() for r in caplog.records if "another environment" in r.getMessage()]
+    assert len(warned) == 1
+    assert f"packages.transformers 4.0.0 -> {env['packages']['transformers']}" in warned[0]
+    assert f"torch_threads 97 -> {env['torch_threads']}" in warned[0] and "platform" not in warned[0]
+    assert json.loads((run / "environment.json").read_text()) == started
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tgated"):
+        (run / "environment.json").write_text(json.dumps(env))
+        train(tiny_cfg("train.epochs=3", "train.steps_per_epoch=1"), out=run, resume=True, quiet=True)
+    assert not [r for r in caplog.records if "another environment" in r.getMessage()]
 
 
 def test_resume_checks_the_config_and_the_checkpoint(tiny_cfg, tmp_path):

@@ -200,6 +200,7 @@ def run_evidence(
         "decision_rule": f"T-Gated mean Dice ≥ each control + {MIN_GAIN} and > 2 × seed sd of the paired difference",
     }
     results["stage1"] = _stage1_summary(out_p / "runs" / "stage1")
+    results["environment"] = run_environments({"stage1": out_p / "runs" / "stage1", **runs})
     atomic_write_json(out_p / "results.json", results)
     atomic_write_text(out_p / "results.md", results_markdown(results))
     return results
@@ -479,6 +480,45 @@ def _stage1_summary(run: Path) -> dict[str, Any]:
     return {"val_mean_dice": best.get("mean_dice"), "epoch": best.get("epoch")}
 
 
+def run_environments(runs: dict[str, Path]) -> dict[str, Any]:
+    """The environment the trainings ran in (``RUN/environment.json``): the first run's, and for each
+    run whose environment differs from it, what differs. The numbers reproduce to the last digit only
+    under the same package versions and thread count."""
+    from tgated.training.runs import environment_differences
+
+    envs = {
+        name: read_json(run / "environment.json")
+        for name, run in runs.items()
+        if (run / "environment.json").is_file()
+    }
+    if not envs:
+        return {}
+    first_name, first = next(iter(envs.items()))
+    differs = {
+        name: {k: [a, b] for k, (a, b) in environment_differences(first, env).items()}
+        for name, env in envs.items()
+    }
+    return {"run": first_name, **first, "differs": {k: v for k, v in differs.items() if v}}
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    """One line naming the versions, threads and device of ``results["environment"]``."""
+    if not env:
+        return "Environment: not recorded."
+    pkgs = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)
+    line = (
+        f"Environment ({env['run']}): python {env.get('python')}, {pkgs}; "
+        f"{env.get('torch_threads')} torch thread(s), {env.get('device')}."
+    )
+    elsewhere = [
+        f"{name} ({', '.join(f'{k} {a} -> {b}' for k, (a, b) in d.items())})"
+        for name, d in env.get("differs", {}).items()
+    ]
+    if elsewhere:
+        line += " Runs trained in another environment: " + "; ".join(elsewhere) + "."
+    return line
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The per-organ table (mean ± sd over seeds) with the differences, then the comparisons."""
     v = results["variants"]
@@ -552,5 +592,5 @@ def results_markdown(results: dict[str, Any]) -> str:
                 + " | ".join(f"{e['share'][k]:.2f}" for k in ERROR_KINDS)
                 + f" | {cell(v[x]['mean_dice'])} | {cell(e['mean_dice_z_oracle'])} |"
             )
-    lines += ["", f"**Verdict**: {results['verdict']}."]
+    lines += ["", f"**Verdict**: {results['verdict']}.", "", environment_line(results.get("environment", {}))]
     return "\n".join(lines) + "\n"

@@ -16,7 +16,15 @@ from tgated.io.files import is_temporary
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES: tuple[str, ...] = ("config.yaml", "splits.json", "log.csv", "val.json", "model", "model.old")
+RUN_FILES: tuple[str, ...] = (
+    "config.yaml",
+    "splits.json",
+    "environment.json",
+    "log.csv",
+    "val.json",
+    "model",
+    "model.old",
+)
 """The run folder's own files (leftover temporaries of these are removed when a run starts)."""
 
 
@@ -31,6 +39,63 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.num_workers",
 )
 """Config keys that may differ between a run's ``config.yaml`` and the config given to resume it."""
+
+
+ENVIRONMENT_PACKAGES: tuple[str, ...] = (
+    "torch",
+    "transformers",
+    "monai",
+    "numpy",
+    "scipy",
+    "nibabel",
+    "SimpleITK",
+    "safetensors",
+)
+"""The installed packages whose versions a run records: what its numbers depend on besides the config,
+the data and the seeds."""
+
+
+def environment(device: torch.device | str = "cpu", processes: int = 1) -> dict[str, Any]:
+    """What a run's numbers depend on besides its config, data and seeds (``RUN/environment.json``).
+
+    The same config, data and seeds give bit-identical weights only under the same package versions,
+    thread count and device: another version of a library may initialise a random backbone or sum in
+    another order, and another thread count sums floats in another order.
+    """
+    import platform
+    from importlib import metadata
+
+    from tgated import __version__
+
+    packages: dict[str, str | None] = {}
+    for name in ENVIRONMENT_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    dev = torch.device(device)
+    env: dict[str, Any] = {
+        "tgated": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": packages,
+        "torch_threads": torch.get_num_threads(),
+        "processes": int(processes),
+        "device": str(dev),
+    }
+    if dev.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        env["gpu"] = torch.cuda.get_device_name(dev)
+    return env
+
+
+def environment_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Keys (packages as ``packages.NAME``) whose values differ: ``{key: (old, new)}``; the platform
+    string is left out (a kernel update does not change the numbers)."""
+    fo, fn = _flatten(old), _flatten(new)
+    keys = sorted((set(fo) | set(fn)) - {"platform"})
+    return {k: (fo.get(k), fn.get(k)) for k in keys if fo.get(k) != fn.get(k)}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

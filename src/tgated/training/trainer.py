@@ -45,6 +45,7 @@ from tgated.config import ExperimentConfig, dump_yaml
 from tgated.io.files import (
     atomic_write_json,
     atomic_write_text,
+    read_json,
     remove_stale_temporaries,
     replace_dir,
 )
@@ -57,7 +58,14 @@ from tgated.training.checkpoint import (
     state_digest,
 )
 from tgated.training.distributed import DistContext
-from tgated.training.runs import RUN_FILES, prepare_run, resolve_num_workers, resolve_precision
+from tgated.training.runs import (
+    RUN_FILES,
+    environment,
+    environment_differences,
+    prepare_run,
+    resolve_num_workers,
+    resolve_precision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -228,16 +236,40 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _write_run_files(self, splits: dict[str, list[str]]) -> None:
-        """Create the run folder with ``config.yaml`` and ``splits.json`` (rank 0), after removing the
-        leftovers of a run killed while writing (writes are atomic: the targets themselves are whole)."""
+        """Create the run folder with ``config.yaml``, ``splits.json`` and ``environment.json`` (rank 0),
+        after removing the leftovers of a run killed while writing (writes are atomic: the targets
+        themselves are whole). A resumed run keeps the environment it started in and warns when this
+        one differs: it will not end bit-identical to an uninterrupted run."""
         from tgated.data.datasets import write_splits
 
-        if self.ctx.is_main:
-            remove_stale_temporaries(self.run, list(RUN_FILES))
-            remove_stale_temporaries(self.run / "checkpoints", ["last.pt"])
-            self.run.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run / "config.yaml", dump_yaml(self.cfg))
-            write_splits(self.run / "splits.json", splits)
+        if not self.ctx.is_main:
+            return
+        remove_stale_temporaries(self.run, list(RUN_FILES))
+        remove_stale_temporaries(self.run / "checkpoints", ["last.pt"])
+        self.run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run / "config.yaml", dump_yaml(self.cfg))
+        write_splits(self.run / "splits.json", splits)
+        env = environment(self.device, self.ctx.world_size)
+        env_file = self.run / "environment.json"
+        if self.ckpt_path is None or not env_file.is_file():
+            atomic_write_json(env_file, env)
+            return
+        try:
+            started = read_json(env_file)
+        except ValueError as exc:
+            started = exc
+        if not isinstance(started, dict):
+            logger.warning("%s: unreadable (%s); not compared with this environment", env_file, started)
+            return
+        diffs = environment_differences(started, env)
+        if diffs:
+            listed = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in diffs.items())
+            logger.warning(
+                "%s: resuming in another environment than the run started in (%s); the run continues, but "
+                "its weights will not be bit-identical to an uninterrupted run's",
+                self.run,
+                listed,
+            )
 
     def _plan_batches(self, samples: int) -> None:
         """Batches per epoch (``train.steps_per_epoch``, else one pass over ``samples``, whole
