@@ -216,6 +216,7 @@ def test_run_records_its_environment_and_a_resume_elsewhere_warns(tiny_cfg, tmp_
     assert env["packages"]["torch"] == metadata.version("torch")
     assert env["packages"]["transformers"] == metadata.version("transformers")
     assert env["torch_threads"] == torch.get_num_threads() and env["device"] == "cpu" and env["processes"] == 1
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
     started = {**env, "packages": {**env["packages"], "transformers": "4.0.0"}, "torch_threads": 97}
     (run / "environment.json").write_text(json.dumps(started))
     with caplog.at_level("WARNING", logger="tgated"):

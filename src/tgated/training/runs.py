@@ -59,8 +59,9 @@ def environment(device: torch.device | str = "cpu", processes: int = 1) -> dict[
     """What a run's numbers depend on besides its config, data and seeds (``RUN/environment.json``).
 
     The same config, data and seeds give bit-identical weights only under the same package versions,
-    thread count and device: another version of a library may initialise a random backbone or sum in
-    another order, and another thread count sums floats in another order.
+    processor kind, thread count and device: another version of a library may initialise a random
+    backbone or sum in another order, another processor (``cpu_capability``: the vector instructions
+    torch's kernels use) or thread count sums floats in another order.
     """
     import platform
     from importlib import metadata
@@ -79,6 +80,8 @@ def environment(device: torch.device | str = "cpu", processes: int = 1) -> dict[
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": packages,
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "processes": int(processes),
         "device": str(dev),
@@ -88,6 +91,20 @@ def environment(device: torch.device | str = "cpu", processes: int = 1) -> dict[
         env["cudnn"] = torch.backends.cudnn.version()
         env["gpu"] = torch.cuda.get_device_name(dev)
     return env
+
+
+def _cpu_model() -> str:
+    """The processor's model name (Linux: ``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
