@@ -204,8 +204,12 @@ def test_two_processes_match_one(tmp_path, dyn_cfg):
     a = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     assert a["world_size"] == 2 and b["world_size"] == 1 and a["step"] == b["step"] == 8
-    for x, y in zip(a["history"], b["history"], strict=True):  # the same patches, the same losses
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    # the same patches give the same losses up to what AdamW makes of float rounding (below): each
+    # epoch's loss within 0.5 % of how far training moved it (measured: 0.03 %; 1e-4 in 2.42 apart)
+    fell = b["history"][0]["loss"] - b["history"][-1]["loss"]
+    assert fell > 0.1
+    for x, y in zip(a["history"], b["history"], strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=0.005 * fell)
         assert x["val_dice"] == pytest.approx(y["val_dice"], abs=1e-3)
     # instance norm and per-sample patches: the two halves' averaged gradients are the whole batch's;
     # Adam turns float-rounding differences of near-zero gradients into steps of up to lr, so the
