@@ -162,6 +162,7 @@ def test_quick_evidence_end_to_end(tmp_path, capsys) -> None:
     env = res["environment"]
     assert env["run"] == "stage1" and env["packages"]["torch"] == torch.__version__ and env["differs"] == {}
     assert f"torch {torch.__version__}" in (out / "results.md").read_text()
+    assert f"{env['cpu']} ({torch.backends.cpu.get_cpu_capability()}), " in (out / "results.md").read_text()
     stamp = (out / "results.json").stat().st_mtime_ns
     assert (
         main(["experiment", "evidence", "--quick", "--out", str(out), "--quiet"]) == 0

@@ -502,12 +502,13 @@ def run_environments(runs: dict[str, Path]) -> dict[str, Any]:
 
 
 def environment_line(env: dict[str, Any]) -> str:
-    """One line naming the versions, threads and device of ``results["environment"]``."""
+    """One line naming the versions, processor, threads and device of ``results["environment"]``."""
     if not env:
         return "Environment: not recorded."
     pkgs = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)
     line = (
         f"Environment ({env['run']}): python {env.get('python')}, {pkgs}; "
+        f"{env.get('cpu')} ({env.get('cpu_capability')}), "
         f"{env.get('torch_threads')} torch thread(s), {env.get('device')}."
     )
     elsewhere = [
