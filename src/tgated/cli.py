@@ -43,9 +43,12 @@ def _cmd_experiment_evidence(args: argparse.Namespace) -> int:
         out=args.out,
         seeds=args.seeds,
         cases=args.cases,
+        data=args.data,
         quick=args.quick,
         overrides=args.set,
         device=args.device,
+        jobs=args.jobs,
+        threads=args.threads,
         quiet=args.quiet,
     )
     with open(os.path.join(args.out, "results.md"), encoding="utf-8") as fh:
@@ -334,10 +337,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--cases", type=int, default=None, help="phantoms in all (default 26: 12 train, 2 val, 12 test)"
     )
     p.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="run on this FLARE22-layout dataset (every case labelled) instead of fresh phantoms: 12 cases "
+        "train, 2 validate, the rest are held out",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="a one-minute pipeline check (its numbers mean nothing)"
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trainings at a time, each in its own process (default 1; --jobs 2 on 2 cores: one thread each, "
+        "the setting of docs/evidence.md's runs)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per training (default: torch's own with --jobs 1, else the cores divided by --jobs); "
+        "a training's numbers depend on it",
+    )
     _common(p)
     p.set_defaults(func=_cmd_experiment_evidence)
 

@@ -33,6 +33,17 @@ The protocol is fixed before any run (docs/evidence.md reports its results):
 * **Decision rule**: T-Gated helps when its mean Dice exceeds both controls' by ≥ 0.03 **and** by
   more than twice the seed standard deviation of the paired difference.
 
+**Another dataset** (``data``): any FLARE22-layout dataset with a label for every case (another
+generator's phantoms, a real CT collection) instead of the fresh phantoms; its sorted case ids are
+split by ``data.split_seed`` with the recipe's training and validation counts, and every other case
+is held out.
+
+**Parallel trainings** (``jobs``): after stage 1, ``jobs`` worker processes each train and score one
+variant × seed at a time, with ``threads`` torch threads each (default: the usable cores divided
+by ``jobs``; stage 1 runs in a worker with as many). A training's numbers depend on its thread
+count, not on what runs beside it, so ``jobs=2`` on 2 cores gives the one-thread-per-training
+numbers of docs/evidence.md in half the time.
+
 Everything is resumable: a second call reuses the phantoms, finished runs and finished scores.
 """
 
@@ -40,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +61,8 @@ import numpy as np
 
 from tgated.config import ExperimentConfig, ModelConfig, load_config
 from tgated.io.files import atomic_write_json, atomic_write_text, read_json
+from tgated.training.loop import ensure_init_model
+from tgated.training.runs import usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +103,12 @@ QUICK = EvidenceSize(
 """A pipeline check in about a minute (what the tests run); its numbers mean nothing."""
 
 
-def recipe_config(out: Path, overrides: list[str]) -> ExperimentConfig:
-    """The recipe with its data and stage-1 folders inside ``out``, plus ``overrides``."""
+def recipe_config(out: Path, overrides: list[str], *, data: Path | None = None) -> ExperimentConfig:
+    """The recipe with its stage-1 folder inside ``out`` and its data there too (or at ``data``),
+    plus ``overrides``."""
     return load_config(
         RECIPE,
-        [f"data.root={out / 'data'}", f"model.init_from={out / 'runs' / 'stage1'}", *overrides],
+        [f"data.root={data or out / 'data'}", f"model.init_from={out / 'runs' / 'stage1'}", *overrides],
     )
 
 
@@ -106,104 +121,179 @@ def run_evidence(
     *,
     seeds: int | None = None,
     cases: int | None = None,
+    data: str | os.PathLike | None = None,
     quick: bool = False,
     overrides: list[str] | None = None,
     device: str = "cpu",
+    jobs: int = 1,
+    threads: int | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the evidence experiment into ``out`` (resumable); returns ``results.json``'s content.
 
-    ``seeds`` (default 3) and ``cases`` (default 26) change the protocol's size; ``quick`` is a
-    one-minute pipeline check; ``overrides`` (``key=value``) change the recipe for every variant.
+    ``seeds`` (default 3) and ``cases`` (default 26 phantoms) change the protocol's size; ``data``
+    runs it on an existing FLARE22-layout dataset instead of fresh phantoms; ``quick`` is a
+    one-minute pipeline check; ``overrides`` (``key=value``) change the recipe for every variant;
+    ``jobs`` trainings run at a time with ``threads`` torch threads each (module docstring).
     """
-    from tgated.data.phantom import write_dataset
-    from tgated.training import train
-
     size = QUICK if quick else FULL
     n_seeds = int(seeds if seeds is not None else size.seeds)
-    n_cases = int(cases if cases is not None else size.cases)
-    out_p = Path(out)
-    base = recipe_config(out_p, [*size.overrides, *(overrides or [])])
-    base.train.device = device
-    train_n, val_n = base.data.split_sizes[0], base.data.split_sizes[1]
     if n_seeds < 1:
         raise ValueError(f"--seeds {n_seeds}: expected at least 1")
-    if n_cases < train_n + val_n + 2:
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs}: expected at least 1")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads {threads}: expected at least 1")
+    if data is not None and cases is not None:
         raise ValueError(
-            f"--cases {n_cases}: the recipe trains on {train_n} and validates on {val_n} cases; give at least "
+            f"--cases {cases} with --data {data}: --cases counts the phantoms the experiment writes; with --data "
+            "every case of the dataset takes part"
+        )
+    out_p = Path(out)
+    data_p = Path(data) if data is not None else out_p / "data"
+    base = recipe_config(out_p, [*size.overrides, *(overrides or [])], data=data_p)
+    base.train.device = device
+    train_n, val_n = base.data.split_sizes[0], base.data.split_sizes[1]
+    n_cases = _labelled_cases(data_p) if data is not None else int(cases if cases is not None else size.cases)
+    if n_cases < train_n + val_n + 2:
+        given = f"{data_p} holds {n_cases} cases" if data is not None else f"--cases {n_cases}"
+        raise ValueError(
+            f"{given}: the recipe trains on {train_n} and validates on {val_n} cases; give at least "
             f"{train_n + val_n + 2} so that some are held out"
         )
     base.data.split_sizes = (train_n, val_n, n_cases - train_n - val_n)
     out_p.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        _write_phantoms(data_p, n_cases, base.model.preprocess.image_size, quiet)
 
-    data = out_p / "data"
-    stamp = f"{n_cases} phantoms, seed {DATA_SEED}\n"
-    if (data / "DONE").is_file() and (data / "DONE").read_text(encoding="utf-8") != stamp:
-        raise ValueError(
-            f"{data}: holds {(data / 'DONE').read_text(encoding='utf-8').strip()}, not the {stamp.strip()} this "
-            "experiment asks for; use another --out (or the --cases it was made with)"
-        )
-    if not (data / "DONE").is_file():
-        _say(quiet, f"[1/4] writing {n_cases} phantoms (seed {DATA_SEED}) to {data}")
-        write_dataset(
-            data,
-            cases=n_cases,
-            seed=DATA_SEED,
-            layout="flare22",
-            modality="ct",
-            size=base.model.preprocess.image_size,
-            overwrite=True,
-            quiet=True,
-        )
-        atomic_write_text(data / "DONE", stamp)
-
-    runs: dict[str, Path] = {}
-    for seed in range(n_seeds):
-        for variant, changes in VARIANTS.items():
-            name = run_name(variant, seed)
-            run = out_p / "runs" / name
-            runs[name] = run
-            if (run / "DONE").is_file():
-                continue
-            _say(quiet, f"[2/4] training {name} → {run}")
-            seeded = [f"seed={seed}", f"train.seed={seed}", f"model.backbone.seed={seed}"]
-            train(
-                base,
-                run,
-                overrides=[*changes, *seeded],
-                resume=(run / "checkpoints" / "last.pt").is_file(),
-                quiet=True,
+    runs = {run_name(v, s): out_p / "runs" / run_name(v, s) for s in range(n_seeds) for v in VARIANTS}
+    tasks = [
+        _Task(base, out_p / "runs" / run_name(v, s), VARIANTS[v], s, data_p, out_p / "scores" / f"{run_name(v, s)}.json")
+        for v in VARIANTS  # T-Gated first: the longest trainings start first
+        for s in range(n_seeds)
+    ]
+    todo = [t for t in tasks if not (t.scores.is_file() and (t.run / "DONE").is_file())]
+    stage1 = Path(base.model.init_from)
+    if jobs == 1 and threads is None:
+        if todo:
+            _say(quiet, f"[2/4] stage 1 (the shared single-slice model) → {stage1}")
+            ensure_init_model(base, quiet=True)
+        for i, task in enumerate(todo, 1):
+            _say(quiet, f"[3/4] training and scoring {task.run.name} ({i}/{len(todo)}) → {task.run}")
+            _train_and_score(task)
+    elif todo:
+        n_threads = threads or max(1, usable_cores() // jobs)
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        # a fresh process per task (maxtasksperchild=1); leaving the block terminates the workers,
+        # so an error or Ctrl-C does not wait for the other trainings (they resume next time)
+        with multiprocessing.get_context(method).Pool(
+            min(jobs, len(todo)), _init_worker, (n_threads,), maxtasksperchild=1
+        ) as pool:
+            _say(quiet, f"[2/4] stage 1 (the shared single-slice model, {n_threads} thread(s)) → {stage1}")
+            pool.apply(ensure_init_model, (base, True))
+            _say(
+                quiet,
+                f"[3/4] training and scoring {len(todo)} runs, {min(jobs, len(todo))} at a time with {n_threads} "
+                f"thread(s) each → {out_p / 'runs'}",
             )
-            atomic_write_text(run / "DONE", "trained\n")
+            for i, name in enumerate(pool.imap_unordered(_train_and_score, todo), 1):
+                _say(quiet, f"      {name} done ({i}/{len(todo)})")
 
-    scores: dict[str, dict[str, Any]] = {}
-    for name, run in runs.items():
-        path = out_p / "scores" / f"{name}.json"
-        if not path.is_file():
-            _say(quiet, f"[3/4] scoring {name} on the held-out phantoms")
-            atomic_write_json(path, score_run(run, data, device=device, window=base.model))
-        scores[name] = read_json(path)
-
+    scores = {name: read_json(out_p / "scores" / f"{name}.json") for name in runs}
     _say(quiet, "[4/4] writing results.json and results.md")
     results = analyse(scores, runs, n_seeds)
     results["protocol"] = {
         "recipe": str(RECIPE.name),
         "overrides": [*size.overrides, *(overrides or [])],
+        "data": f"{n_cases} fresh phantoms" if data is None else str(data_p),
         "cases": n_cases,
         "split_sizes": list(base.data.split_sizes),
         "seeds": n_seeds,
-        "data_seed": DATA_SEED,
+        "data_seed": DATA_SEED if data is None else None,
         "image_size": base.model.preprocess.image_size,
         "context": base.model.context,
         "context_mode": base.model.context_mode,
         "metric": "3-D Dice per organ per held-out case (native protocol)",
         "decision_rule": f"T-Gated mean Dice ≥ each control + {MIN_GAIN} and > 2 × seed sd of the paired difference",
     }
-    results["stage1"] = _stage1_summary(out_p / "runs" / "stage1")
-    results["environment"] = run_environments({"stage1": out_p / "runs" / "stage1", **runs})
+    results["stage1"] = _stage1_summary(stage1)
+    results["environment"] = run_environments({"stage1": stage1, **runs})
     atomic_write_json(out_p / "results.json", results)
     atomic_write_text(out_p / "results.md", results_markdown(results))
     return results
+
+
+def _write_phantoms(data: Path, n_cases: int, image_size: int, quiet: bool) -> None:
+    """The experiment's fresh phantoms (seed :data:`DATA_SEED`), unless ``data`` already holds them."""
+    from tgated.data.phantom import write_dataset
+
+    stamp = f"{n_cases} phantoms, seed {DATA_SEED}\n"
+    if (data / "DONE").is_file():
+        found = (data / "DONE").read_text(encoding="utf-8")
+        if found != stamp:
+            raise ValueError(
+                f"{data}: holds {found.strip()}, not the {stamp.strip()} this experiment asks for; use another "
+                "--out (or the --cases it was made with)"
+            )
+        return
+    _say(quiet, f"[1/4] writing {n_cases} phantoms (seed {DATA_SEED}) to {data}")
+    write_dataset(
+        data, cases=n_cases, seed=DATA_SEED, layout="flare22", modality="ct", size=image_size, overwrite=True, quiet=True
+    )
+    atomic_write_text(data / "DONE", stamp)
+
+
+def _labelled_cases(data: Path) -> int:
+    """The number of cases of the FLARE22-layout dataset ``data``; each must have its label."""
+    from tgated.data.datasets import discover
+
+    found = discover(data, "flare22")
+    unlabelled = [c.case_id for c in found if c.label is None]
+    if unlabelled:
+        raise ValueError(
+            f"{data}: {len(unlabelled)} of its {len(found)} cases have no label ({', '.join(unlabelled[:5])}"
+            f"{', ...' if len(unlabelled) > 5 else ''}); the evidence experiment trains and scores on labelled "
+            "cases only: give a dataset whose every image has its labelsTr file"
+        )
+    return len(found)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One variant × seed: train ``run`` from ``base`` with ``changes`` and ``seed``, then score it."""
+
+    base: ExperimentConfig
+    run: Path
+    changes: list[str]
+    seed: int
+    data: Path
+    scores: Path
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _train_and_score(task: _Task) -> str:
+    """Train (or resume) ``task.run`` unless it is done, then write its scores; returns its name."""
+    from tgated.training import train
+
+    run = task.run
+    if not (run / "DONE").is_file():
+        seeded = [f"seed={task.seed}", f"train.seed={task.seed}", f"model.backbone.seed={task.seed}"]
+        train(
+            task.base,
+            run,
+            overrides=[*task.changes, *seeded],
+            resume=(run / "checkpoints" / "last.pt").is_file(),
+            quiet=True,
+        )
+        atomic_write_text(run / "DONE", "trained\n")
+    if not task.scores.is_file():
+        atomic_write_json(task.scores, score_run(run, task.data, device=task.base.train.device, window=task.base.model))
+    return run.name
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -291,7 +381,8 @@ def score_run(
     out["z_fragments"], out["z_profiles"], out["z_errors"] = {}, {}, {}
     for i, cid in enumerate(splits["test"]):
         image, label = load_case(cases[cid])
-        assert label is not None  # the phantoms are labelled
+        if label is None:
+            raise ValueError(f"{cases[cid].image}: held-out case {cid} has no label to score against")
         reach = window_reach(window or model.config, label.spacing[2])
         for variant in variants:
             pred = predictor.predict_volume(image, modality="ct", neighbours=variant).labels

@@ -669,7 +669,7 @@ def stage1_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return stage1
 
 
-def _ensure_init_model(cfg: ExperimentConfig, quiet: bool) -> None:
+def ensure_init_model(cfg: ExperimentConfig, quiet: bool) -> None:
     """Train the stage-1 model named by ``model.init_from`` when it is missing (``pretrain``)."""
     run = Path(cfg.model.init_from)
     if cfg.pretrain.overrides:
@@ -708,7 +708,7 @@ def train(
     data_inputs = [(f"data.{k}", getattr(cfg.data, k)) for k in ("root", "labels") if getattr(cfg.data, k)]
     check_inputs_spared(("--out", out), data_inputs, not_containing=data_inputs)
     if cfg.model.init_from:
-        _ensure_init_model(cfg, quiet)
+        ensure_init_model(cfg, quiet)
     ctx = init_distributed(cfg.train.device)
     trainer = None
     try:
@@ -737,6 +737,7 @@ __all__ = [
     "check_min_lr",
     "config_differences",
     "cosine_restart_factor",
+    "ensure_init_model",
     "prepare_run",
     "resolve_config",
     "resolve_precision",

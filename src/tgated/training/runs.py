@@ -242,6 +242,10 @@ def resolve_num_workers(value: int | str, device: torch.device) -> int:
         return int(value)
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(AUTO_WORKERS_MAX, cores // local - 1))
+    return max(0, min(AUTO_WORKERS_MAX, usable_cores() // local - 1))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask on Linux, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
