@@ -174,3 +174,61 @@ def test_quick_evidence_end_to_end(tmp_path, capsys) -> None:
     # the same folder with another number of phantoms is refused, naming both
     assert main(["experiment", "evidence", "--quick", "--cases", "9", "--out", str(out), "--quiet"]) == 1
     assert "8 phantoms" in capsys.readouterr().err
+
+
+def test_parallel_jobs_and_another_dataset_give_the_sequential_numbers(tmp_path) -> None:
+    """--jobs 2 (each training in its own process, one thread) on --data (the sequential run's own
+    phantoms, read as a user's dataset) reproduces the in-process one-thread run value for value."""
+    import shutil
+
+    from tgated.experiments.evidence import run_evidence
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = run_evidence(tmp_path / "seq", quick=True, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    data = tmp_path / "user_data"
+    shutil.copytree(tmp_path / "seq" / "data", data)
+    par = run_evidence(tmp_path / "par", quick=True, data=data, jobs=2, threads=1, quiet=True)
+    assert not (tmp_path / "par" / "data").exists()  # no phantoms written
+    assert par["protocol"]["data"] == str(data) and par["protocol"]["data_seed"] is None
+    assert seq["protocol"]["data"] == "8 fresh phantoms" and par["protocol"]["cases"] == 8
+    for name in ("tgated_s1", "baseline_s0", "context1_s1"):
+        a = json.loads((tmp_path / "seq" / "scores" / f"{name}.json").read_text())
+        b = json.loads((tmp_path / "par" / "scores" / f"{name}.json").read_text())
+        assert a.pop("train_seconds") > 0 and b.pop("train_seconds") > 0
+        assert a == b
+
+    def untimed(variants: dict) -> dict:
+        return {k: {f: x for f, x in v.items() if f != "train_seconds"} for k, v in variants.items()}
+
+    assert untimed(seq["variants"]) == untimed(par["variants"])
+    assert seq["comparisons"] == par["comparisons"] and seq["context_ablation"] == par["context_ablation"]
+    assert par["environment"]["torch_threads"] == 1 and seq["environment"]["differs"] == {}
+    first = (tmp_path / "par" / "results.json").stat().st_mtime_ns
+    assert run_evidence(tmp_path / "par", quick=True, data=data, jobs=2, threads=1, quiet=True)["variants"]
+    assert (tmp_path / "par" / "results.json").stat().st_mtime_ns > first  # resumed: scored runs kept
+    logs = {r.name: len((r / "log.csv").read_text().splitlines()) for r in (tmp_path / "par" / "runs").iterdir()}
+    assert len(logs) == 7 and set(logs.values()) == {2}  # stage 1 and six runs, one epoch each: none trained again
+
+
+def test_evidence_refuses_bad_sizes_and_datasets(tmp_path) -> None:
+    from tgated.data.phantom import write_dataset
+    from tgated.experiments.evidence import run_evidence
+
+    data = tmp_path / "d"
+    write_dataset(data, cases=5, seed=3, layout="flare22", modality="ct", size=32, quiet=True)
+    with pytest.raises(ValueError, match=r"d holds 5 cases: the recipe trains on 4 and validates on 1 cases"):
+        run_evidence(tmp_path / "o", quick=True, data=data, quiet=True)
+    with pytest.raises(ValueError, match="--cases counts the phantoms"):
+        run_evidence(tmp_path / "o", quick=True, data=data, cases=9, quiet=True)
+    with pytest.raises(ValueError, match="--jobs 0: expected at least 1"):
+        run_evidence(tmp_path / "o", quick=True, jobs=0, quiet=True)
+    with pytest.raises(ValueError, match="--threads 0: expected at least 1"):
+        run_evidence(tmp_path / "o", quick=True, threads=0, quiet=True)
+    next((data / "labels").iterdir()).unlink()
+    with pytest.raises((ValueError, FileNotFoundError), match="label"):
+        run_evidence(tmp_path / "o", quick=True, data=data, quiet=True)
+    assert not (tmp_path / "o").exists()  # nothing written
