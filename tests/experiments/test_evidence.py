@@ -140,6 +140,12 @@ def test_a_gain_within_the_seed_spread_is_no_gain() -> None:
     assert res["comparisons"]["tgated_vs_baseline"]["meets_decision_rule"] is False
 
 
+def test_every_variant_is_scheduled_once() -> None:
+    from tgated.experiments.evidence import LONGEST_FIRST, VARIANTS
+
+    assert sorted(LONGEST_FIRST) == sorted(VARIANTS) and len(LONGEST_FIRST) == len(set(LONGEST_FIRST))
+
+
 def test_the_repository_config_is_the_packaged_recipe() -> None:
     repo = Path(__file__).resolve().parents[2] / "configs" / "cpu_evidence.yaml"
     assert repo.read_bytes() == RECIPE.read_bytes()

@@ -75,6 +75,8 @@ VARIANTS: dict[str, list[str]] = {
 }
 """Each variant's overrides of the recipe (the recipe itself is T-Gated)."""
 CONTROLS = ("baseline", "context1")
+LONGEST_FIRST = ("tgated", "context1", "baseline")
+"""The variants by training time (K slices through the adapter, one slice, no adapter)."""
 DATA_SEED = 1000
 MIN_GAIN = 0.03
 """The decision rule's smallest mean-Dice gain over each control."""
@@ -169,7 +171,7 @@ def run_evidence(
     runs = {run_name(v, s): out_p / "runs" / run_name(v, s) for s in range(n_seeds) for v in VARIANTS}
     tasks = [
         _Task(base, out_p / "runs" / run_name(v, s), VARIANTS[v], s, data_p, out_p / "scores" / f"{run_name(v, s)}.json")
-        for v in VARIANTS  # T-Gated first: the longest trainings start first
+        for v in LONGEST_FIRST  # with --jobs, the longest trainings start first
         for s in range(n_seeds)
     ]
     todo = [t for t in tasks if not (t.scores.is_file() and (t.run / "DONE").is_file())]
@@ -370,6 +372,7 @@ def score_run(
     splits = read_splits(run / "splits.json")
     cases = {c.case_id: c for c in discover(data, "flare22")}
     variants = ["real", "centre"] if model.context > 1 else ["real"]
+    modality = model.config.preprocess.modality  # the model's own normalisation, as in training
     out: dict[str, Any] = {v: {} for v in variants}
     out["z_fragments"], out["z_profiles"], out["z_errors"] = {}, {}, {}
     for i, cid in enumerate(splits["test"]):
@@ -378,7 +381,7 @@ def score_run(
             raise ValueError(f"{cases[cid].image}: held-out case {cid} has no label to score against")
         reach = window_reach(window or model.config, label.spacing[2])
         for variant in variants:
-            pred = predictor.predict_volume(image, modality="ct", neighbours=variant).labels
+            pred = predictor.predict_volume(image, modality=modality, neighbours=variant).labels
             row: dict[str, float] = {}
             for organ in model.organs:
                 g, p = label.data == organ.id, pred == organ.id
