@@ -218,6 +218,13 @@ def test_parallel_jobs_and_another_dataset_give_the_sequential_numbers(tmp_path)
     assert (tmp_path / "par" / "results.json").stat().st_mtime_ns > first  # resumed: scored runs kept
     logs = {r.name: len((r / "log.csv").read_text().splitlines()) for r in (tmp_path / "par" / "runs").iterdir()}
     assert len(logs) == 7 and set(logs.values()) == {2}  # stage 1 and six runs, one epoch each: none trained again
+    # runs trained on one dataset are not resumed on another
+    other = tmp_path / "other_data"
+    shutil.copytree(data, other)
+    with pytest.raises(ValueError, match=r"par: its runs were trained on 8 cases of .*user_data, not on the 8 cases of .*other_data"):
+        run_evidence(tmp_path / "par", quick=True, data=other, quiet=True)
+    with pytest.raises(ValueError, match=r"seq: its runs were trained on 8 phantoms, seed 1000, not on"):
+        run_evidence(tmp_path / "seq", quick=True, data=other, quiet=True)
 
 
 def test_evidence_refuses_bad_sizes_and_datasets(tmp_path) -> None:

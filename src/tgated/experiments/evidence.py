@@ -164,7 +164,7 @@ def run_evidence(
             f"{train_n + val_n + 2} so that some are held out"
         )
     base.data.split_sizes = (train_n, val_n, n_cases - train_n - val_n)
-    out_p.mkdir(parents=True, exist_ok=True)
+    _claim_output(out_p, data_p if data is not None else None, n_cases)
     if data is None:
         _write_phantoms(data_p, n_cases, base.model.preprocess.image_size, quiet)
 
@@ -223,6 +223,24 @@ def run_evidence(
     atomic_write_json(out_p / "results.json", results)
     atomic_write_text(out_p / "results.md", results_markdown(results))
     return results
+
+
+def _claim_output(out: Path, data: Path | None, n_cases: int) -> None:
+    """Create ``out`` for the experiment on ``data`` (None: its own phantoms), or check that the
+    runs already there were trained on the same data: resuming on other data would mix the two."""
+    source = f"{n_cases} phantoms, seed {DATA_SEED}" if data is None else f"{n_cases} cases of {data.resolve()}"
+    stamp = out / "DATA_SOURCE"
+    if stamp.is_file():
+        found = stamp.read_text(encoding="utf-8").strip()
+        if found != source:
+            raise ValueError(
+                f"{out}: its runs were trained on {found}, not on the {source} asked for now; use another --out"
+            )
+        return
+    if data is not None and (out / "data" / "DONE").is_file():
+        raise ValueError(f"{out}: its runs were trained on its own phantoms ({out / 'data'}), not on {data}; use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, source + "\n")
 
 
 def _write_phantoms(data: Path, n_cases: int, image_size: int, quiet: bool) -> None:
