@@ -241,6 +241,12 @@ def test_evidence_refuses_bad_sizes_and_datasets(tmp_path) -> None:
         run_evidence(tmp_path / "o", quick=True, jobs=0, quiet=True)
     with pytest.raises(ValueError, match="--threads 0: expected at least 1"):
         run_evidence(tmp_path / "o", quick=True, threads=0, quiet=True)
+    legacy = tmp_path / "legacy"  # a folder from before DATA_SOURCE: its phantoms' stamp alone
+    (legacy / "data").mkdir(parents=True)
+    (legacy / "data" / "DONE").write_text("8 phantoms, seed 1000\n")
+    with pytest.raises(ValueError, match=r"legacy: its runs were trained on 8 phantoms, seed 1000, not on the 9"):
+        run_evidence(legacy, quick=True, cases=9, quiet=True)
+    assert not (legacy / "DATA_SOURCE").exists()
     next((data / "labels").iterdir()).unlink()
     with pytest.raises((ValueError, FileNotFoundError), match="label"):
         run_evidence(tmp_path / "o", quick=True, data=data, quiet=True)

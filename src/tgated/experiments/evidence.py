@@ -61,8 +61,6 @@ import numpy as np
 
 from tgated.config import ExperimentConfig, ModelConfig, load_config
 from tgated.io.files import atomic_write_json, atomic_write_text, read_json
-from tgated.training.loop import ensure_init_model
-from tgated.training.runs import usable_cores
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +136,10 @@ def run_evidence(
     one-minute pipeline check; ``overrides`` (``key=value``) change the recipe for every variant;
     ``jobs`` trainings run at a time with ``threads`` torch threads each (module docstring).
     """
+    from tgated.data.datasets import discover
+    from tgated.training.loop import ensure_init_model
+    from tgated.training.runs import usable_cores
+
     size = QUICK if quick else FULL
     n_seeds = int(seeds if seeds is not None else size.seeds)
     if n_seeds < 1:
@@ -152,11 +154,12 @@ def run_evidence(
             "every case of the dataset takes part"
         )
     out_p = Path(out)
-    data_p = Path(data) if data is not None else out_p / "data"
-    base = recipe_config(out_p, [*size.overrides, *(overrides or [])], data=data_p)
+    base = recipe_config(out_p, [*size.overrides, *(overrides or [])], data=Path(data) if data is not None else None)
     base.train.device = device
+    data_p = Path(base.data.root)
     train_n, val_n = base.data.split_sizes[0], base.data.split_sizes[1]
-    n_cases = _labelled_cases(data_p) if data is not None else int(cases if cases is not None else size.cases)
+    # with --data every case trains or is scored: discover refuses an image without its label
+    n_cases = len(discover(data_p, "flare22")) if data is not None else int(cases if cases is not None else size.cases)
     if n_cases < train_n + val_n + 2:
         given = f"{data_p} holds {n_cases} cases" if data is not None else f"--cases {n_cases}"
         raise ValueError(
@@ -227,48 +230,39 @@ def run_evidence(
 
 def _claim_output(out: Path, data: Path | None, n_cases: int) -> None:
     """Create ``out`` for the experiment on ``data`` (None: its own phantoms), or check that the
-    runs already there were trained on the same data: resuming on other data would mix the two."""
-    source = f"{n_cases} phantoms, seed {DATA_SEED}" if data is None else f"{n_cases} cases of {data.resolve()}"
-    stamp = out / "DATA_SOURCE"
-    if stamp.is_file():
-        found = stamp.read_text(encoding="utf-8").strip()
+    runs already there were trained on the same data: resuming on other data would mix the two.
+    Folders made before ``DATA_SOURCE`` existed name their phantoms in ``data/DONE``."""
+    source = _phantoms(n_cases) if data is None else f"{n_cases} cases of {data.resolve()}"
+    stamp, legacy = out / "DATA_SOURCE", out / "data" / "DONE"
+    recorded = stamp if stamp.is_file() else legacy if legacy.is_file() else None
+    if recorded is not None:
+        found = recorded.read_text(encoding="utf-8").strip()
         if found != source:
             raise ValueError(
                 f"{out}: its runs were trained on {found}, not on the {source} asked for now; use another --out"
             )
-        return
-    if data is not None and (out / "data" / "DONE").is_file():
-        raise ValueError(f"{out}: its runs were trained on its own phantoms ({out / 'data'}), not on {data}; use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stamp, source + "\n")
+    if not stamp.is_file():
+        atomic_write_text(stamp, source + "\n")
 
 
 def _write_phantoms(data: Path, n_cases: int, image_size: int, quiet: bool) -> None:
-    """The experiment's fresh phantoms (seed :data:`DATA_SEED`), unless ``data`` already holds them."""
+    """The experiment's fresh phantoms (seed :data:`DATA_SEED`), unless ``data`` holds them already
+    (:func:`_claim_output` checked that they are these)."""
     from tgated.data.phantom import write_dataset
 
-    stamp = f"{n_cases} phantoms, seed {DATA_SEED}\n"
     if (data / "DONE").is_file():
-        found = (data / "DONE").read_text(encoding="utf-8")
-        if found != stamp:
-            raise ValueError(
-                f"{data}: holds {found.strip()}, not the {stamp.strip()} this experiment asks for; use another "
-                "--out (or the --cases it was made with)"
-            )
         return
     _say(quiet, f"[1/4] writing {n_cases} phantoms (seed {DATA_SEED}) to {data}")
     write_dataset(
         data, cases=n_cases, seed=DATA_SEED, layout="flare22", modality="ct", size=image_size, overwrite=True, quiet=True
     )
-    atomic_write_text(data / "DONE", stamp)
+    atomic_write_text(data / "DONE", _phantoms(n_cases) + "\n")
 
 
-def _labelled_cases(data: Path) -> int:
-    """The number of cases of the FLARE22-layout dataset ``data`` (an image without its label is an
-    error: every case trains or is scored)."""
-    from tgated.data.datasets import discover
-
-    return len(discover(data, "flare22"))
+def _phantoms(n_cases: int) -> str:
+    """How the experiment's own phantoms are named in its stamps."""
+    return f"{n_cases} phantoms, seed {DATA_SEED}"
 
 
 @dataclass(frozen=True)
