@@ -22,9 +22,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "configs/flare22_tgated.yaml" in printed and "GPU" in printed
     assert f"report: {out / 'report' / 'report.html'}" in printed
 
-    for name in ("baseline", "tgated"):
+    for name in ("stage1", "baseline", "tgated"):
         run = out / "runs" / name
         assert (run / "model" / "config.json").is_file() and (run / "checkpoints" / "last.pt").is_file()
+        # every training ran with one torch thread (the default), whatever this machine's core count
+        assert json.loads((run / "environment.json").read_text())["torch_threads"] == 1
+    for name in ("baseline", "tgated"):
         labels = json.loads((out / "predictions" / name / "phantom_test" / "labels.json").read_text())
         assert sorted(v for k, v in labels.items() if k != "0") == sorted(DEMO_ORGANS)
     base = json.loads((out / "evaluation" / "baseline" / "phantom_test" / "summary.json").read_text())
@@ -52,3 +55,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.split("report:")[0] == printed.split("report:")[0]
     assert [p.stat().st_mtime_ns for p in kept] == stamps  # nothing retrained or re-predicted
+
+
+def test_demo_refuses_zero_threads(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--threads", "0", "--quiet"]) != 0
+    assert "--threads 0: expected at least 1" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything is written

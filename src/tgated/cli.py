@@ -31,7 +31,7 @@ logger = logging.getLogger("tgated")
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tgated.experiments import describe, run_demo
 
-    result = run_demo(out=args.out, quick=args.quick, quiet=args.quiet, device=args.device)
+    result = run_demo(out=args.out, quick=args.quick, quiet=args.quiet, device=args.device, threads=args.threads)
     print(describe(result))
     return 0
 
@@ -216,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a smaller demo (under 2 minutes on one CPU core; the full one about 5 on 2 cores, 6 on one)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per training (default 1: the same numbers on every machine with the same libraries "
+        "and processor; the two fine-tunings run side by side when there are the cores)",
+    )
     _common(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -351,16 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jobs",
         type=int,
-        default=1,
-        help="trainings at a time, each in its own process (default 1; --jobs 2 on 2 cores: one thread each, "
-        "the setting of docs/evidence.md's runs)",
+        default=None,
+        help="trainings at a time, each in its own process (default: the usable cores divided by --threads, on "
+        "the CPU; 1 on a GPU)",
     )
     p.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="torch threads per training (default: torch's own with --jobs 1, else the cores divided by --jobs); "
-        "a training's numbers depend on it",
+        default=1,
+        help="torch threads per training (default 1, the setting of docs/evidence.md's runs); a training's "
+        "numbers depend on it",
     )
     _common(p)
     p.set_defaults(func=_cmd_experiment_evidence)

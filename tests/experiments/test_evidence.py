@@ -167,6 +167,7 @@ def test_quick_evidence_end_to_end(tmp_path, capsys) -> None:
     assert "Verdict" in capsys.readouterr().out
     env = res["environment"]
     assert env["run"] == "stage1" and env["packages"]["torch"] == torch.__version__ and env["differs"] == {}
+    assert env["torch_threads"] == 1  # by default every training runs with one thread, on any machine
     assert f"torch {torch.__version__}" in (out / "results.md").read_text()
     assert f"{env['cpu']} ({torch.backends.cpu.get_cpu_capability()}), " in (out / "results.md").read_text()
     stamp = (out / "results.json").stat().st_mtime_ns
@@ -190,11 +191,13 @@ def test_parallel_jobs_and_another_dataset_give_the_sequential_numbers(tmp_path)
     from tgated.experiments.evidence import run_evidence
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads + 1)  # the in-process run sets one thread and gives this back
     try:
-        seq = run_evidence(tmp_path / "seq", quick=True, quiet=True)
+        seq = run_evidence(tmp_path / "seq", quick=True, jobs=1, quiet=True)
+        assert torch.get_num_threads() == threads + 1
     finally:
         torch.set_num_threads(threads)
+    assert seq["environment"]["torch_threads"] == 1
     data = tmp_path / "user_data"
     shutil.copytree(tmp_path / "seq" / "data", data)
     par = run_evidence(tmp_path / "par", quick=True, data=data, jobs=2, threads=1, quiet=True)

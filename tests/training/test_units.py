@@ -29,7 +29,7 @@ from tgated.training.loop import (
     scheduled_lr,
 )
 from tgated.training.losses import segmentation_loss, soft_dice_loss
-from tgated.training.runs import resolve_num_workers
+from tgated.training.runs import default_jobs, resolve_num_workers, side_by_side
 
 
 def test_loss_by_hand():
@@ -192,6 +192,29 @@ def test_num_workers_auto(monkeypatch, value, device, cores, local, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
     assert resolve_num_workers(value, torch.device(device)) == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "cores", "threads", "expected"),
+    [("cpu", 2, 1, 2), ("cpu", 16, 4, 4), ("cpu", 2, 3, 1), ("cuda", 16, 1, 1), ("cuda:1", 16, 1, 1)],
+)
+def test_default_jobs(monkeypatch, device, cores, threads, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_jobs(device, threads) == expected
+
+
+def _threads_times(x: int) -> tuple[int, int]:
+    return x, torch.get_num_threads()
+
+
+def test_side_by_side_runs_every_task_with_its_threads():
+    before = torch.get_num_threads()
+    calls: list[int] = []
+    inline = list(side_by_side(_threads_times, [1, 2, 3], jobs=1, threads=before + 1, first=(calls.append, (7,))))
+    assert inline == [(1, before + 1), (2, before + 1), (3, before + 1)] and calls == [7]
+    assert torch.get_num_threads() == before  # given back
+    pooled = sorted(side_by_side(_threads_times, [1, 2, 3], jobs=2, threads=1))  # worker processes
+    assert pooled == [(1, 1), (2, 1), (3, 1)]
 
 
 def test_config_differences_name_dotted_keys():

@@ -133,14 +133,25 @@ def run_demo(
     quiet: bool = False,
     device: str = "cpu",
     examples: bool = True,
+    threads: int = 1,
 ) -> DemoResult:
-    """Run the demo into ``out`` (resumable); returns where everything is and the headline numbers."""
+    """Run the demo into ``out`` (resumable); returns where everything is and the headline numbers.
+
+    Every training runs with ``threads`` torch threads, the two fine-tunings side by side when the
+    machine has the cores for both (:func:`tgated.training.runs.side_by_side`). A training's numbers
+    depend on its thread count (floats summed in another order), so the default of one thread makes
+    the demo's numbers the same on any machine with the same libraries and processor, whatever its
+    core count.
+    """
+    if threads < 1:
+        raise ValueError(f"--threads {threads}: expected at least 1")
     from tgated.data.datasets import discover, read_splits
     from tgated.data.phantom import write_dataset
     from tgated.evaluation import evaluate
     from tgated.inference.api import predict
     from tgated.report import make_report
-    from tgated.training import train
+    from tgated.training.loop import ensure_init_model
+    from tgated.training.runs import default_jobs, side_by_side
 
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
@@ -164,24 +175,28 @@ def run_demo(
     else:
         _say(f"[1/5] phantoms already in {data}", quiet)
 
-    runs = {}
-    for i, name in enumerate(MODELS):
-        cfg = demo_config(
+    cfgs = {
+        name: demo_config(
             "none" if name == "baseline" else "tgated", quick, root=str(data), stage1=str(out_p / "runs" / "stage1")
         )
-        cfg.train.device = device
-        run = out_p / "runs" / name
-        runs[name] = run
-        if _trained(run):
-            _say(f"[2/5] {name}: already trained ({run})", quiet)
-            continue
+        for name in MODELS
+    }
+    runs = {name: out_p / "runs" / name for name in MODELS}
+    for name in MODELS:
+        cfgs[name].train.device = device
+        if _trained(runs[name]):
+            _say(f"[2/5] {name}: already trained ({runs[name]})", quiet)
+    todo = [name for name in ("tgated", "baseline") if not _trained(runs[name])]  # the longer one first
+    if todo:
+        jobs = min(len(todo), default_jobs(device, threads))
         _say(
-            f"[2/5] training the {name} ({'single slice' if name == 'baseline' else f'K={cfg.model.context} slices'}) "
-            f"model {i + 1}/2 → {run}" + (" (first the shared single-slice stage 1)" if i == 0 else ""),
+            f"[2/5] the shared single-slice stage 1 → {out_p / 'runs' / 'stage1'}, then {' and '.join(todo)} "
+            f"fine-tuned from it, {jobs} at a time with {threads} torch thread(s) each",
             quiet,
         )
-        train(cfg, out=run, resume=(run / "checkpoints" / "last.pt").is_file(), quiet=quiet)
-        atomic_write_text(run / "DONE", "trained\n")
+        pairs = [(cfgs[n], runs[n]) for n in todo]
+        for name in side_by_side(_train_model, pairs, jobs=jobs, threads=threads, first=(ensure_init_model, (cfgs["baseline"], True))):
+            _say(f"      {name} trained", quiet)
 
     splits = read_splits(runs["tgated"] / "splits.json")
     cases = {c.case_id: c for c in discover(data, "flare22")}
@@ -217,6 +232,16 @@ def run_demo(
             result.real_ct_mean_dice[name] = float(read_json(real[name] / "summary.json")["mean_dice"] or 0.0)
     result.table = (out_p / "report" / "comparison.md").read_text(encoding="utf-8")
     return result
+
+
+def _train_model(job: tuple[ExperimentConfig, Path]) -> str:
+    """Train (or resume) one demo model in a worker process; returns its name."""
+    from tgated.training import train
+
+    cfg, run = job
+    train(cfg, out=run, resume=(run / "checkpoints" / "last.pt").is_file(), quiet=True)
+    atomic_write_text(run / "DONE", "trained\n")
+    return run.name
 
 
 def _real_ct(out_p: Path, runs: dict[str, Path], device: str, quiet: bool) -> dict[str, Path]:

@@ -38,11 +38,11 @@ generator's phantoms, a real CT collection) instead of the fresh phantoms; its s
 split by ``data.split_seed`` with the recipe's training and validation counts, and every other case
 is held out.
 
-**Parallel trainings** (``jobs``): after stage 1, ``jobs`` worker processes each train and score one
-variant × seed at a time, with ``threads`` torch threads each (default: the usable cores divided
-by ``jobs``; stage 1 runs in a worker with as many). A training's numbers depend on its thread
-count, not on what runs beside it, so ``jobs=2`` on 2 cores gives the one-thread-per-training
-numbers of docs/evidence.md in half the time.
+**Trainings side by side** (``jobs``, ``threads``): stage 1, then every variant × seed trained and
+scored, ``jobs`` at a time (default: as many as the usable cores, on the CPU), each with ``threads``
+torch threads (default 1), longest first. A training's numbers depend on its thread count, not on
+what runs beside it, so the defaults give the one-thread-per-training numbers of docs/evidence.md on
+any machine with the same libraries and processor, in the least time its cores allow.
 
 Everything is resumable: a second call reuses the phantoms, finished runs and finished scores.
 """
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +124,8 @@ def run_evidence(
     quick: bool = False,
     overrides: list[str] | None = None,
     device: str = "cpu",
-    jobs: int = 1,
-    threads: int | None = None,
+    jobs: int | None = None,
+    threads: int = 1,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the evidence experiment into ``out`` (resumable); returns ``results.json``'s content.
@@ -134,19 +133,20 @@ def run_evidence(
     ``seeds`` (default 3) and ``cases`` (default 26 phantoms) change the protocol's size; ``data``
     runs it on an existing FLARE22-layout dataset instead of fresh phantoms; ``quick`` is a
     one-minute pipeline check; ``overrides`` (``key=value``) change the recipe for every variant;
-    ``jobs`` trainings run at a time with ``threads`` torch threads each (module docstring).
+    ``jobs`` trainings run at a time (default: the usable cores) with ``threads`` torch threads each
+    (module docstring).
     """
     from tgated.data.datasets import discover
     from tgated.training.loop import ensure_init_model
-    from tgated.training.runs import usable_cores
+    from tgated.training.runs import default_jobs, side_by_side
 
     size = QUICK if quick else FULL
     n_seeds = int(seeds if seeds is not None else size.seeds)
     if n_seeds < 1:
         raise ValueError(f"--seeds {n_seeds}: expected at least 1")
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise ValueError(f"--jobs {jobs}: expected at least 1")
-    if threads is not None and threads < 1:
+    if threads < 1:
         raise ValueError(f"--threads {threads}: expected at least 1")
     if data is not None and cases is not None:
         raise ValueError(
@@ -179,30 +179,17 @@ def run_evidence(
     ]
     todo = [t for t in tasks if not (t.scores.is_file() and (t.run / "DONE").is_file())]
     stage1 = Path(base.model.init_from)
-    if jobs == 1 and threads is None:
-        if todo:
-            _say(quiet, f"[2/4] stage 1 (the shared single-slice model) → {stage1}")
-            ensure_init_model(base, quiet=True)
-        for i, task in enumerate(todo, 1):
-            _say(quiet, f"[3/4] training and scoring {task.run.name} ({i}/{len(todo)}) → {task.run}")
-            _train_and_score(task)
-    elif todo:
-        n_threads = threads or max(1, usable_cores() // jobs)
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        # a fresh process per task (maxtasksperchild=1); leaving the block terminates the workers,
-        # so an error or Ctrl-C does not wait for the other trainings (they resume next time)
-        with multiprocessing.get_context(method).Pool(
-            min(jobs, len(todo)), _init_worker, (n_threads,), maxtasksperchild=1
-        ) as pool:
-            _say(quiet, f"[2/4] stage 1 (the shared single-slice model, {n_threads} thread(s)) → {stage1}")
-            pool.apply(ensure_init_model, (base, True))
-            _say(
-                quiet,
-                f"[3/4] training and scoring {len(todo)} runs, {min(jobs, len(todo))} at a time with {n_threads} "
-                f"thread(s) each → {out_p / 'runs'}",
-            )
-            for i, name in enumerate(pool.imap_unordered(_train_and_score, todo), 1):
-                _say(quiet, f"      {name} done ({i}/{len(todo)})")
+    if todo:
+        n_jobs = min(len(todo), jobs if jobs is not None else default_jobs(device, threads))
+        _say(
+            quiet,
+            f"[2/4] stage 1 (the shared single-slice model) → {stage1}, then {len(todo)} trainings and scorings, "
+            f"{n_jobs} at a time with {threads} torch thread(s) each → {out_p / 'runs'}",
+        )
+        # an error or Ctrl-C stops the workers; their trainings resume next time
+        done = side_by_side(_train_and_score, todo, jobs=n_jobs, threads=threads, first=(ensure_init_model, (base, True)))
+        for i, name in enumerate(done, 1):
+            _say(quiet, f"[3/4] {name} trained and scored ({i}/{len(todo)})")
 
     scores = {name: read_json(out_p / "scores" / f"{name}.json") for name in runs}
     _say(quiet, "[4/4] writing results.json and results.md")
@@ -275,12 +262,6 @@ class _Task:
     seed: int
     data: Path
     scores: Path
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _train_and_score(task: _Task) -> str:

@@ -1,13 +1,18 @@
 """The run folder and its rules: what a run folder must hold to start or resume, which config keys may
 change on resume, the split, and the run's settings that depend on the machine (autocast precision,
-data-loading workers). Used by :class:`tgated.training.trainer.Trainer` for both models."""
+data-loading workers). Used by :class:`tgated.training.trainer.Trainer` for both models; and how
+several trainings run side by side (:func:`side_by_side`: worker processes, torch threads each), used
+by the demo and the evidence experiment."""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.pool
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -15,6 +20,8 @@ from tgated.config import ConfigError, ExperimentConfig, load_config, to_dict
 from tgated.io.files import is_temporary
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 RUN_FILES: tuple[str, ...] = (
     "config.yaml",
@@ -249,3 +256,56 @@ def resolve_num_workers(value: int | str, device: torch.device) -> int:
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity mask on Linux, else all of them)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_jobs(device: str, threads: int) -> int:
+    """How many trainings run side by side unless told: on the CPU as many as the usable cores hold
+    at ``threads`` torch threads each, on an accelerator one."""
+    return max(1, usable_cores() // threads) if torch.device(device).type == "cpu" else 1
+
+
+def side_by_side(
+    fn: Callable[[T], R],
+    tasks: Sequence[T],
+    *,
+    jobs: int,
+    threads: int,
+    first: tuple[Callable[..., Any], tuple[Any, ...]] | None = None,
+) -> Iterator[R]:
+    """``first`` (a function and its arguments, e.g. the shared stage 1), then ``fn(task)`` for every
+    task, ``jobs`` at a time with ``threads`` torch threads each; yields each result as it comes.
+    A training's numbers depend on its thread count, not on what runs beside it, so any ``jobs``
+    gives the same results. One job runs in this process (its thread count restored afterwards);
+    more run in :func:`training_pool` workers, so ``fn``, ``first`` and the tasks must pickle."""
+    jobs = max(1, min(jobs, len(tasks)))
+    if jobs == 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            if first is not None:
+                first[0](*first[1])
+            for task in tasks:
+                yield fn(task)
+        finally:
+            torch.set_num_threads(before)
+        return
+    with training_pool(jobs, threads) as pool:
+        if first is not None:
+            pool.apply(*first)
+        yield from pool.imap_unordered(fn, tasks)
+
+
+def training_pool(processes: int, threads: int) -> multiprocessing.pool.Pool:
+    """Worker processes for trainings side by side: ``processes`` workers, each task in a fresh
+    process (``maxtasksperchild=1``: nothing of one training's state leaks into the next) with
+    ``threads`` torch threads. A training's numbers depend on its thread count, not on what runs
+    beside it. Use it as a context manager: leaving the block terminates the workers, so an error
+    or Ctrl-C does not wait for the other trainings. Workers start from a fresh interpreter
+    (forkserver, else spawn), never forked from a process that has torch's threads running."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(processes, _set_threads, (threads,), maxtasksperchild=1)
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
